@@ -1,0 +1,108 @@
+"""Atomic file and folder writes: a crash leaves the old version or the new one, never half of one.
+
+Files are written to a temporary name in the same folder, flushed to disk, then renamed over the
+target (``os.replace`` is atomic on POSIX and Windows). Folders (checkpoints, prepared datasets)
+are built under a temporary name beside the target and swapped in with renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from captioner.errors import CaptionerError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask briefly changes process state, unsafe in threads
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(temp_path)`` to produce the file, then move it to ``path`` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    write_atomic(path, lambda temp: temp.write_bytes(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``target``.
+
+    With ``overwrite=False`` an existing non-empty ``target`` is refused up front with a clear
+    error. With ``overwrite=True`` the old folder is kept until the new one is complete, then
+    swapped out. On any failure the temporary folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CaptionerError(f"{target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise CaptionerError(f"{target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    try:
+        os.chmod(building, 0o777 & ~_UMASK)
+        yield building
+        for file in building.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        replace_directory(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move folder ``source`` to ``target``, replacing any folder there, via two renames."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(source, target)
+    _fsync_directory(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

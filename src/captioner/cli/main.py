@@ -1,0 +1,69 @@
+"""``captioner`` entry point: parses the command line and turns user errors into one line.
+
+Each command lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``;
+heavy imports (torch) happen inside ``run`` so ``captioner --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from captioner import __version__
+from captioner.errors import CaptionerError
+
+COMMANDS = ("prepare", "shapes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioner",
+        description="Turn pictures into sentences: prepare caption datasets, train, evaluate and serve captioning models.",
+        epilog="Run 'captioner COMMAND --help' for a command's options. Set CAPTIONER_DEBUG=1 to see tracebacks.",
+    )
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"captioner.cli.{name}_command")
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    debug = os.environ.get("CAPTIONER_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.run(args) or 0)
+    except CaptionerError as error:
+        if debug:
+            raise
+        print(f"captioner {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"captioner {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # disk full, permission denied, ... on the user's files
+        if debug:
+            raise
+        where = f": {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"captioner {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug: still one line, with a way to see more
+        if debug:
+            raise
+        print(
+            f"captioner {args.command}: internal error: {type(error).__name__}: {error} (set CAPTIONER_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""Image loading and preprocessing: the one place every part of captioner reads pictures.
+
+:func:`load_image` turns a path, bytes, file object, PIL image or numpy array into an RGB
+``PIL.Image`` (EXIF orientation applied, any mode converted, size limited) or raises
+:class:`~captioner.errors.ImageLoadError` with a one-line message naming the file.
+:class:`Preprocessing` turns that image into the normalised tensor an encoder expects.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from captioner.errors import ImageLoadError
+
+if TYPE_CHECKING:  # torch is imported when a tensor is made, so reading data stays light
+    import torch
+
+#: Largest image (width x height) we decode: 8,000 x 8,000. A small file that claims more is a
+#: decompression bomb; a real photo this large is pointless for a 224-pixel encoder anyway.
+MAX_IMAGE_PIXELS = 64_000_000
+
+#: Suffixes that ``captioner caption DIR`` and friends treat as images.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+
+
+def load_image(
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS, draft: int | None = None
+) -> Image.Image:
+    """Read an image as RGB, whatever it was stored as.
+
+    ``source`` may be a path, raw bytes, a binary file object, a ``PIL.Image`` or a numpy array
+    (H, W), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1]. ``name`` is used in error messages
+    when the source is not a path. The first frame of an animation is used. Transparent images are
+    composited on white. ``draft`` lets JPEG decoding skip detail below that size (much faster
+    for large photos that will be shrunk anyway); the result is at least ``draft`` on its short side.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, name or "<PIL image>")
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name or "<array>")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "<uploaded image>"
+        if len(source) == 0:
+            raise ImageLoadError(label, "the file is empty")
+        return _open(io.BytesIO(bytes(source)), label, max_pixels, draft)
+    if hasattr(source, "read"):
+        return _open(source, name or getattr(source, "name", "<stream>"), max_pixels, draft)  # type: ignore[arg-type]
+    path = Path(source)
+    label = name or str(path)
+    if not path.exists():
+        raise ImageLoadError(label, "no such file")
+    if path.is_dir():
+        raise ImageLoadError(label, "it is a directory")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(label, "the file is empty")
+    try:
+        with open(path, "rb") as handle:
+            return _open(handle, label, max_pixels, draft)
+    except PermissionError:
+        raise ImageLoadError(label, "permission denied") from None
+
+
+def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower pixel limit below, before decoding anything.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except Image.DecompressionBombError:
+        raise ImageLoadError(label, f"too large (its dimensions exceed the {max_pixels:,}-pixel limit)") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(label, "not an image, or a format Pillow cannot decode") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(label, f"not readable ({_reason(error)})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageLoadError(label, f"too large ({width}x{height} exceeds the {max_pixels:,}-pixel limit; decompression bomb?)")
+    if width == 0 or height == 0:
+        raise ImageLoadError(label, "it has zero width or height")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(0)  # first frame of an animated GIF/PNG/WebP
+            if draft is not None and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
+            image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageLoadError(label, f"truncated or corrupt ({_reason(error)})") from None
+    return _to_rgb(image, label)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _to_rgb(image: Image.Image, label: str) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: keep the pixels as stored rather than fail
+        pass
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _from_array(np.asarray(image), label)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(label, f"cannot convert mode {mode} to RGB ({_reason(error)})") from None
+
+
+def _from_array(array: np.ndarray, label: str) -> Image.Image:
+    """Numpy (H, W) / (H, W, 1|3|4) of any numeric dtype -> RGB image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageLoadError(label, f"array of shape {tuple(array.shape)} is not (H, W), (H, W, 3) or (H, W, 4)")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageLoadError(label, "it has zero width or height")
+    if array.dtype == np.uint8:
+        scaled = array
+    elif array.dtype == np.bool_:
+        scaled = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        values = np.nan_to_num(array.astype(np.float64))
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        values = array.astype(np.int64)
+        top = values.max(initial=0)
+        # 16-bit data (the common case for integer images that are not uint8) maps 65535 -> 255.
+        full_scale = 255 if top <= 255 else 65535 if top <= 65535 else int(top)
+        scaled = np.clip(values * 255 // max(full_scale, 1), 0, 255).astype(np.uint8)
+    else:
+        raise ImageLoadError(label, f"unsupported array dtype {array.dtype}")
+    image = Image.fromarray(np.ascontiguousarray(scaled))
+    return _to_rgb(image, label) if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the encoder's input tensor.
+
+    ``resize="squash"`` resizes to ``image_size`` x ``image_size`` ignoring the aspect ratio (the
+    whole picture is seen: what a captioner wants). ``resize="crop"`` is TensorFlow's EfficientNet
+    evaluation transform: bicubic resize of the short side to ``image_size + crop_padding``, then a
+    centre crop (what ImageNet classification was measured with). Pixels are scaled to [0, 1] and
+    normalised with ``mean``/``std`` (EfficientNet-Lite: 0.5/0.5, i.e. [-1, 1]).
+    """
+
+    image_size: int = 224
+    resize: str = "squash"
+    crop_padding: int = 32
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("squash", "crop"):
+            raise ValueError(f"resize must be 'squash' or 'crop', not {self.resize!r}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16, not {self.image_size}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def resize_image(self, image: Image.Image) -> Image.Image:
+        size = self.image_size
+        if self.resize == "squash":
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BICUBIC)
+            return image
+        width, height = image.size
+        short = size + self.crop_padding
+        scale = short / min(width, height)
+        new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+        left, top = (new_width - size) // 2, (new_height - size) // 2
+        return image.crop((left, top, left + size, top + size))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float tensor (3, image_size, image_size)."""
+        import torch
+
+        pixels = np.asarray(self.resize_image(image), dtype=np.float32) / 255.0  # (H, W, 3)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        pixels = (pixels - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, H, W)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        known = {key: values[key] for key in ("image_size", "resize", "crop_padding", "mean", "std") if key in values}
+        return cls(**known)
+
+
+def list_images(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand files, directories (their image files, sorted) and glob patterns into image paths.
+
+    Paths that do not exist are kept, so the caller reports them as unreadable images.
+    """
+    import glob
+
+    found: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif not path.exists() and any(ch in str(entry) for ch in "*?["):
+            found.extend(sorted(Path(p) for p in glob.glob(str(entry), recursive=True)))
+        else:
+            found.append(path)
+    return found

@@ -1,0 +1,144 @@
+"""Tokenizer and vocabulary.
+
+Captions are lower-cased, accents removed, and split into words of letters and digits (any
+script); punctuation is dropped except apostrophes inside words ("man's", "don't"), which is what
+Karpathy's preprocessed ``tokens`` look like for English. Words seen
+fewer than ``min_word_freq`` times in the *training* split become ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from captioner.errors import DatasetError
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+VOCAB_FORMAT = 1
+
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits of any script, inner apostrophes
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case words of a caption, punctuation removed.
+
+    >>> tokenize("A man's dog, running!  Fast.")
+    ['a', "man's", 'dog', 'running', 'fast']
+    """
+    text = text.replace("\u2019", "'").replace("`", "'")
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch)).lower()  # café -> cafe
+    return _WORD.findall(text)
+
+
+@dataclass
+class Vocabulary:
+    """Word <-> id mapping with the four special tokens first: <pad>=0, <start>=1, <end>=2, <unk>=3."""
+
+    words: list[str]
+    min_word_freq: int = 1
+    max_length: int | None = None
+    counts: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if tuple(self.words[:4]) != SPECIAL_TOKENS:
+            raise DatasetError(f"vocabulary must start with {' '.join(SPECIAL_TOKENS)}, found {' '.join(self.words[:4])}")
+        if len(set(self.words)) != len(self.words):
+            raise DatasetError("vocabulary has duplicate words")
+        self.index = {word: i for i, word in enumerate(self.words)}
+
+    pad_id = 0
+    start_id = 1
+    end_id = 2
+    unk_id = 3
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.index
+
+    @classmethod
+    def build(cls, captions: Iterable[str], *, min_word_freq: int = 5, max_length: int | None = None) -> "Vocabulary":
+        """Count words over ``captions`` (pass the training split only) and keep the frequent ones.
+
+        Words are ordered by descending count, ties alphabetically, so the same captions always
+        give the same ids.
+        """
+        if min_word_freq < 1:
+            raise DatasetError(f"min_word_freq must be at least 1, not {min_word_freq}")
+        counts: Counter[str] = Counter()
+        for caption in captions:
+            counts.update(tokenize(caption))
+        kept = sorted((w for w, n in counts.items() if n >= min_word_freq), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIAL_TOKENS) + kept, min_word_freq=min_word_freq, max_length=max_length, counts=dict(counts))
+
+    def encode(self, caption: str | Sequence[str], *, add_special: bool = True) -> list[int]:
+        """Caption text (or its tokens) -> ids, with <start>/<end> around it unless add_special=False."""
+        words = tokenize(caption) if isinstance(caption, str) else caption
+        ids = [self.index.get(word, self.unk_id) for word in words]
+        return [self.start_id, *ids, self.end_id] if add_special else ids
+
+    def decode(self, ids: Iterable[int], *, strip_special: bool = True) -> str:
+        """Ids -> text. Stops at <end>; drops <start>/<pad> unless strip_special=False."""
+        words = []
+        for token in ids:
+            token = int(token)
+            if strip_special:
+                if token == self.end_id:
+                    break
+                if token in (self.pad_id, self.start_id):
+                    continue
+            words.append(self.words[token] if 0 <= token < len(self.words) else UNK)
+        return " ".join(words)
+
+    def coverage(self, captions: Iterable[str]) -> float:
+        """Fraction of word occurrences in ``captions`` that are in the vocabulary (not <unk>)."""
+        total = known = 0
+        for caption in captions:
+            for word in tokenize(caption):
+                total += 1
+                known += word in self.index
+        return known / total if total else 1.0
+
+    # ----- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": VOCAB_FORMAT,
+            "min_word_freq": self.min_word_freq,
+            "max_length": self.max_length,
+            "words": self.words,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "vocabulary") -> "Vocabulary":
+        if not isinstance(data, dict) or not isinstance(data.get("words"), list):
+            raise DatasetError(f"{source}: not a captioner vocabulary (no 'words' list)")
+        if data.get("format", VOCAB_FORMAT) > VOCAB_FORMAT:
+            raise DatasetError(
+                f"{source}: vocabulary format {data['format']} is newer than this captioner understands ({VOCAB_FORMAT}); upgrade captioner"
+            )
+        if not all(isinstance(word, str) for word in data["words"]):
+            raise DatasetError(f"{source}: vocabulary words must all be strings")
+        return cls(list(data["words"]), min_word_freq=int(data.get("min_word_freq", 1)), max_length=data.get("max_length"))
+
+    def save(self, path: str | Path) -> None:
+        from captioner.atomic import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DatasetError(f"no vocabulary at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DatasetError(f"{path} is not valid JSON: {error}") from None
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,66 @@
+"""The command line as a user runs it: real subprocesses, one-line errors, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+import captioner
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_version_and_help():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"captioner {captioner.__version__}"
+    result = run("--help")
+    assert result.returncode == 0 and "prepare" in result.stdout
+    result = run("prepare", "--help")
+    assert result.returncode == 0 and "--min-word-freq" in result.stdout and "examples:" in result.stdout
+
+
+def test_no_command_prints_help():
+    result = run()
+    assert result.returncode == 2 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("format", ["karpathy", "coco", "flickr8k", "csv", "jsonl"])
+def test_shapes_then_prepare_in_every_format(tmp_path, format):
+    result = run("shapes", str(tmp_path / "shapes"), "--num-images", "30", "--format", format)
+    assert result.returncode == 0, result.stderr
+    caption_file = result.stdout.split(" and ")[-1].strip()
+    sources = [str(p) for p in sorted((tmp_path / "shapes").glob("captions_*.json"))] if format == "coco" else [caption_file]
+    result = run("prepare", *sources, "--out", str(tmp_path / "prepared"), "--min-word-freq", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "train:" in result.stdout and "vocabulary:" in result.stdout
+    assert (tmp_path / "prepared" / "train.npz").is_file()
+    # re-running over the output refuses with one line, then --overwrite replaces it
+    again = run("prepare", *sources, "--out", str(tmp_path / "prepared"), "--quiet")
+    assert_one_line_error(again, "already exists", "--overwrite")
+    again = run("prepare", *sources, "--out", str(tmp_path / "prepared"), "--quiet", "--overwrite")
+    assert again.returncode == 0, again.stderr
+
+
+def test_prepare_bad_inputs_give_one_line(tmp_path):
+    assert_one_line_error(run("prepare", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")), "does not exist")
+    bad = tmp_path / "dataset_bad.json"
+    bad.write_text('{"images": [')
+    assert_one_line_error(run("prepare", str(bad), "--out", str(tmp_path / "o")), "not valid JSON")
+    csv = tmp_path / "c.csv"
+    csv.write_text("image,caption\nmissing.jpg,a cat\n")
+    assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--quiet"), "no training captions")
+    assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--split-fractions", "0.5", "0.5", "0.5"), "split fractions")
+    assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--min-word-freq", "0"), "--min-word-freq")
+    assert_one_line_error(run("prepare", str(csv), "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "does not exist")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,181 @@
+"""load_image on every kind of awkward file, and Preprocessing."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data.images import Preprocessing, list_images, load_image
+from captioner.errors import ImageLoadError
+
+
+def _jpeg_bytes(image, **save):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_rgb_jpeg_loads(tmp_path):
+    path = tmp_path / "a.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (40, 30)
+    assert abs(int(image.getpixel((5, 5))[0]) - 200) < 8
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_zero_byte_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(ImageLoadError, match=r"empty.* the file is empty"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_truncated_file(tmp_path, format):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format)
+    path = tmp_path / f"cut.{format.lower()}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match=rf"cut\.{format.lower()}: truncated or corrupt"):
+        load_image(path)
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not an image\n")
+    with pytest.raises(ImageLoadError, match=r"notes\.jpg: not an image"):
+        load_image(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(path)  # 81 M pixels in a ~10 kB file
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ImageLoadError, match=r"too large \(9000x9000 exceeds"):
+        load_image(path)
+    assert load_image(path, max_pixels=100_000_000).size == (9000, 9000)
+
+
+def test_cmyk_jpeg(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    red, green, blue = load_image(path).getpixel((10, 10))
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_16_bit_grayscale_png(tmp_path):
+    path = tmp_path / "deep.png"
+    values = np.full((10, 10), 65535, dtype=np.uint16)
+    values[:, :5] = 32768
+    Image.fromarray(values).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert image.getpixel((8, 5)) == (255, 255, 255)
+    assert 125 <= image.getpixel((2, 5))[0] <= 130
+
+
+def test_palette_with_transparency_composited_on_white(tmp_path):
+    path = tmp_path / "palette.png"
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((5, 5), 1)
+    image.info["transparency"] = 0
+    image.save(path, transparency=0)
+    loaded = load_image(path)
+    assert loaded.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
+    assert loaded.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_rgba_and_la(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 255, 0))
+    assert load_image(rgba).getpixel((1, 1)) == (255, 255, 255)
+    la = Image.new("LA", (4, 4), (0, 255))
+    assert load_image(la).getpixel((1, 1)) == (0, 0, 0)
+
+
+def test_exif_orientation_applied(tmp_path):
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 20))  # white strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs a 90-degree clockwise turn
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes())
+    loaded = load_image(path)
+    assert loaded.size == (20, 60)
+    assert loaded.getpixel((10, 3))[0] > 200  # the strip is now along the top
+
+
+def test_animated_gif_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    red, green, blue = load_image(path).getpixel((4, 4))
+    assert red > 200 and blue < 50
+
+
+def test_one_pixel_and_panorama(tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tiny)
+    assert load_image(tiny).size == (1, 1)
+    assert Preprocessing(image_size=64)(load_image(tiny)).shape == (3, 64, 64)
+    wide = tmp_path / "wide.jpg"
+    Image.new("RGB", (6000, 40), (0, 128, 0)).save(wide)
+    for resize in ("squash", "crop"):
+        assert Preprocessing(image_size=64, resize=resize)(load_image(wide)).shape == (3, 64, 64)
+
+
+def test_bytes_arrays_and_streams():
+    data = _jpeg_bytes(Image.new("RGB", (16, 16), (0, 255, 0)))
+    assert load_image(data).size == (16, 16)
+    assert load_image(io.BytesIO(data)).size == (16, 16)
+    with pytest.raises(ImageLoadError, match=r"<uploaded image>: the file is empty"):
+        load_image(b"")
+    with pytest.raises(ImageLoadError, match="upload.png: not an image"):
+        load_image(b"GIF89a nonsense", name="upload.png")
+    assert load_image(np.zeros((5, 7), dtype=np.uint8)).size == (7, 5)
+    assert load_image(np.ones((5, 7, 3), dtype=np.float32)).getpixel((0, 0)) == (255, 255, 255)
+    assert load_image(np.zeros((5, 7, 4), dtype=np.uint8)).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ImageLoadError, match="shape"):
+        load_image(np.zeros((5, 7, 2), dtype=np.uint8))
+
+
+def test_draft_decoding_keeps_at_least_the_requested_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (1600, 1200), (9, 9, 9)).save(path)
+    image = load_image(path, draft=224)
+    assert min(image.size) >= 224 and image.size[0] < 1600
+
+
+def test_preprocessing_values_and_modes():
+    image = Image.new("RGB", (300, 200), (255, 0, 128))
+    tensor = Preprocessing(image_size=224)(image)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor[:, 100, 100], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-5)
+    # crop mode: short side to 224 + 32 then a centre crop keeps the middle of a striped image
+    striped = Image.new("RGB", (400, 256), (0, 0, 0))
+    striped.paste((255, 255, 255), (0, 0, 50, 256))  # white band on the far left is cropped away
+    assert Preprocessing(image_size=224, resize="crop")(striped).max() < -0.9
+    assert Preprocessing(image_size=224, resize="squash")(striped).max() > 0.9
+    with pytest.raises(ValueError):
+        Preprocessing(resize="stretch")
+    assert Preprocessing.from_dict(Preprocessing(image_size=96, resize="crop").to_dict()) == Preprocessing(image_size=96, resize="crop")
+
+
+def test_list_images(tmp_path):
+    for name in ("b.jpg", "a.PNG", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    assert [p.name for p in list_images([tmp_path])] == ["a.PNG", "b.jpg"]
+    assert [p.name for p in list_images([str(tmp_path / "*.jpg")])] == ["b.jpg"]
+    assert [p.name for p in list_images([tmp_path / "missing.jpg"])] == ["missing.jpg"]
