@@ -16,3 +16,70 @@ def shapes_karpathy(tmp_path_factory) -> Path:
     from captioner.data.synthetic import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes_karpathy"), num_images=60, seed=3, format="karpathy")
+
+
+def make_vocab(words=("a", "b", "c")):
+    from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
+
+    return Vocabulary(list(SPECIAL_TOKENS) + list(words))
+
+
+def make_model(kind="attention", words=("a", "b", "c"), seed=0, scale=1.0, pretrained=False, **decoder):
+    """A small Captioner; its encoder is randomly initialised unless ``pretrained`` (installed weights).
+
+    ``scale`` multiplies the classifier weights so the word distributions are peaky enough to make
+    decoding choices matter. Tests feed features of width ``model.decoder.feature_dim`` directly.
+    """
+    import torch
+
+    from captioner.models.captioner import Captioner, CaptionerConfig
+    from captioner.models.decoder import DecoderConfig
+    from captioner.models.encoder import EncoderConfig
+
+    torch.manual_seed(seed)
+    settings = {"kind": kind, "embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "dropout": 0.3, **decoder}
+    config = CaptionerConfig(encoder=EncoderConfig(feature_layer="last_stage", pretrained=pretrained), decoder=DecoderConfig(**settings))
+    model = Captioner(config, make_vocab(words))
+    with torch.no_grad():
+        model.decoder.classifier.weight.mul_(scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shapes_prepared(tmp_path_factory) -> Path:
+    """A prepared shapes set (400 images: 320 train / 40 val / 40 test) with a shared feature cache."""
+    from captioner.data.formats import read_dataset
+    from captioner.data.prepare import PrepareOptions, prepare
+    from captioner.data.synthetic import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes_prepared")
+    caption_file = write_shapes_dataset(root / "raw", num_images=400, seed=0, format="karpathy")
+    prepare(read_dataset([caption_file]), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
+    return root / "prepared"
+
+
+def shapes_train_config(prepared: Path, out: Path, **overrides):
+    """A small, fast training setup for the shapes set (frozen lite0 features at 224)."""
+    from captioner.training.config import TrainConfig
+
+    values = {
+        "data": str(prepared),
+        "out": str(out),
+        "epochs": 8,
+        "batch_size": 16,
+        "seq_per_img": 3,
+        "decoder": {"kind": "attention", "embed_dim": 64, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.2},
+        "decoder_lr": 3e-3,
+        "schedule": "constant",
+        "patience": 0,
+        "val_beam_size": 1,
+        "max_length": 16,
+        "progress": False,
+        "workers": 0,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            values[key] = {**values.get(key, {}), **value}
+        else:
+            values[key] = value
+    return TrainConfig.from_dict(values)

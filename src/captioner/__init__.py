@@ -2,11 +2,16 @@
 
 A pretrained CNN encodes the image; an LSTM decoder, with or without soft attention, writes the
 caption ("Show and Tell", Vinyals et al. 2015; "Show, Attend and Tell", Xu et al. 2015).
+
+>>> from captioner import Captioner
+>>> model = Captioner.load("runs/shapes/best")        # doctest: +SKIP
+>>> model.caption("photo.jpg", beam_size=5).text      # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("captioner")
@@ -15,4 +20,16 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from captioner.errors import CaptionerError
 
-__all__ = ["CaptionerError", "__version__"]
+if TYPE_CHECKING:
+    from captioner.models.captioner import Captioner, CaptionResult
+
+__all__ = ["Captioner", "CaptionResult", "CaptionerError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Captioner pulls in torch: import it on first use, so `captioner --help` stays instant.
+    if name in ("Captioner", "CaptionResult"):
+        from captioner.models import captioner as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")

@@ -86,6 +86,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[
         yield building
         for file in building.rglob("*"):
             if file.is_file():
+                os.chmod(file, 0o666 & ~_UMASK)  # some writers (safetensors) create files 0600
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         replace_directory(building, target)

@@ -15,7 +15,18 @@ from typing import Sequence
 from captioner import __version__
 from captioner.errors import CaptionerError
 
-COMMANDS = ("prepare", "shapes")
+#: The order commands are listed in ``captioner --help``; any other ``*_command`` module follows.
+PREFERRED_ORDER = ("caption", "prepare", "train", "evaluate", "serve", "shapes")
+
+
+def command_names() -> list[str]:
+    """Every ``captioner.cli.NAME_command`` module is a command."""
+    import pkgutil
+
+    import captioner.cli
+
+    found = [m.name[: -len("_command")] for m in pkgutil.iter_modules(captioner.cli.__path__) if m.name.endswith("_command")]
+    return sorted(found, key=lambda name: (PREFERRED_ORDER.index(name) if name in PREFERRED_ORDER else len(PREFERRED_ORDER), name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"captioner {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_names():
         module = importlib.import_module(f"captioner.cli.{name}_command")
         module.add_parser(subparsers)
     return parser

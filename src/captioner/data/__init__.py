@@ -1,0 +1,1 @@
+"""Caption datasets, tokenizer and vocabulary, image loading, prepared folders, the shapes set."""

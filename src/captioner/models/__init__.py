@@ -1,0 +1,1 @@
+"""Models: the pretrained encoder, attention, the decoders and the ``Captioner`` that joins them."""

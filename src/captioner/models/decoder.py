@@ -1,0 +1,121 @@
+"""What every caption decoder shares: its config, its state, and the step interface decoding uses.
+
+A decoder turns image features (B, P, D) into words. Training calls ``forward`` (teacher forcing);
+decoding calls ``init_state`` once per image and then ``step`` once per generated word, reordering
+the state between steps for beam search. The state is a plain ``dict`` of tensors whose first
+dimension is the batch, so one function reorders or expands any decoder's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from captioner.errors import ConfigError
+
+DecoderState = dict[str, torch.Tensor]
+
+DECODER_KINDS = ("attention", "show_tell")
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "attention"  # "attention": Show, Attend and Tell; "show_tell": Show and Tell
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512  # attention only
+    dropout: float = 0.5
+    image_input: str = "init_state"  # show_tell only: "init_state" (project into h0/c0) or "first_step" (feed as input x_-1)
+    deep_output: bool = False  # attention only: logits from embedding + hidden + context, as in Xu et al. eq. 7
+    freeze_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in DECODER_KINDS:
+            raise ConfigError(f"decoder kind must be one of {', '.join(DECODER_KINDS)}, not {self.kind!r}")
+        if self.image_input not in ("init_state", "first_step"):
+            raise ConfigError(f"image_input must be 'init_state' or 'first_step', not {self.image_input!r}")
+        for name in ("embed_dim", "hidden_dim", "attention_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown decoder setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class Decoder(nn.Module):
+    """Base class: subclasses implement ``init_state``, ``step`` and ``forward``."""
+
+    config: DecoderConfig
+    vocab_size: int
+    feature_dim: int
+    has_attention: bool = False
+    #: State entries that depend only on the image (not on the words so far): beam reordering, which
+    #: only moves rows among one image's beams, leaves them in place instead of copying them.
+    image_constant_keys: tuple[str, ...] = ()
+
+    def init_state(self, features: torch.Tensor) -> DecoderState:
+        """Features (B, P, D) -> the state before the first word (one row per image)."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        """Feed one word per row: tokens (B,) -> logits (B, V), next state, attention (B, P) or None."""
+        raise NotImplementedError
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing.
+
+        features (N, P, D), one row per image; captions (N * seq_per_img, T) as <start> w1 .. wn <end>
+        <pad>.., the captions of image i in rows i*seq_per_img .. (i+1)*seq_per_img-1; lengths
+        (N * seq_per_img,) counting <start> and <end>. Returns logits (B, T-1, V) predicting
+        captions[:, 1:], and attention (B, T-1, P) for attention decoders (None otherwise). Positions
+        past a caption's end are zero and were never computed.
+        """
+        raise NotImplementedError
+
+    def load_embeddings(self, vectors: torch.Tensor, found: torch.Tensor) -> None:
+        """Copy pretrained word vectors (V, E) into the embedding rows marked in ``found`` (V,)."""
+        embedding: nn.Embedding = self.embedding  # type: ignore[assignment]
+        if vectors.shape != embedding.weight.shape:
+            raise ConfigError(f"word vectors have shape {tuple(vectors.shape)}, the embedding needs {tuple(embedding.weight.shape)}")
+        with torch.no_grad():
+            embedding.weight[found] = vectors[found].to(embedding.weight.dtype)
+        embedding.weight.requires_grad_(not self.config.freeze_embeddings)
+
+
+def select_state(state: DecoderState, index: torch.Tensor, *, keep: tuple[str, ...] = ()) -> DecoderState:
+    """Rows ``index`` of every tensor in the state (beam reordering, or expanding images to beams).
+
+    Entries named in ``keep`` are returned as they are: pass a decoder's ``image_constant_keys``
+    when ``index`` only permutes rows among the beams of each image.
+    """
+    return {key: value if key in keep else value.index_select(0, index) for key, value in state.items()}
+
+
+def repeat_state(state: DecoderState, times: int) -> DecoderState:
+    """Each row repeated ``times`` times in place: (N, ...) -> (N * times, ...)."""
+    if times == 1:
+        return state
+    return {key: value.repeat_interleave(times, dim=0) for key, value in state.items()}
+
+
+def sort_by_length(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): ``order`` sorts rows by decreasing length; ``inverse`` undoes it."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return order, inverse

@@ -1,0 +1,64 @@
+"""Show and Tell (Vinyals et al. 2015): the image conditions an LSTM language model.
+
+The pooled image vector (mean of the P region features) either initialises the LSTM state,
+h0 = W_h v and c0 = W_c v (``image_input="init_state"``), or is fed as the input before <start>
+from a zero state, as in the paper (``"first_step"``). Teacher forcing packs the captions so no
+step runs on padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, repeat_state
+
+
+class ShowTell(Decoder):
+    has_attention = False
+
+    def __init__(self, config: DecoderConfig, vocab_size: int, feature_dim: int) -> None:
+        super().__init__()
+        self.config, self.vocab_size, self.feature_dim = config, vocab_size, feature_dim
+        E, H, D = config.embed_dim, config.hidden_dim, feature_dim
+        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
+        if config.image_input == "init_state":
+            self.init_h = nn.Linear(D, H)
+            self.init_c = nn.Linear(D, H)
+        else:
+            self.image_embedding = nn.Linear(D, E)
+        self.lstm = nn.LSTM(E, H, batch_first=True)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(H, vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.classifier.bias)
+        nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
+
+    def init_state(self, features: torch.Tensor) -> DecoderState:
+        image = features.mean(dim=1)  # (B, D)
+        if self.config.image_input == "init_state":
+            return {"h": self.init_h(image), "c": self.init_c(image)}  # (B, H) each
+        x = self.dropout(self.image_embedding(image)).unsqueeze(1)  # (B, 1, E): the input x_-1
+        _, (h, c) = self.lstm(x)  # from a zero state
+        return {"h": h.squeeze(0), "c": c.squeeze(0)}
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, None]:
+        x = self.embedding(tokens).unsqueeze(1)  # (B, 1, E)
+        output, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))  # (B, 1, H)
+        logits = self.classifier(self.dropout(output.squeeze(1)))  # (B, V)
+        return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
+
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+    ) -> tuple[torch.Tensor, None]:
+        state = repeat_state(self.init_state(features), seq_per_img)
+        steps = (lengths - 1).clamp(min=1).cpu()  # (B,) words to predict per caption
+        total = int(steps.max())
+        embedded = self.dropout(self.embedding(captions[:, :total]))  # (B, T-1, E): inputs <start> .. w_n
+        packed = pack_padded_sequence(embedded, steps, batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
+        # The classifier runs on real steps only (packed data), then is laid out as (B, T-1, V).
+        logits_packed = self.classifier(self.dropout(output.data))  # (sum of steps, V)
+        logits, _ = pad_packed_sequence(output._replace(data=logits_packed), batch_first=True, total_length=total)
+        return logits, None

@@ -1,0 +1,230 @@
+"""generate(): greedy, beam search and sampling, checked against brute force and teacher forcing."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from captioner.decoding import GenerationConfig, generate, length_penalty
+from captioner.errors import ConfigError
+from conftest import make_model
+
+
+def features_for(model, batch=4, regions=5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, regions, model.decoder.feature_dim, generator=generator).abs()
+
+
+def teacher_forced(model, features, tokens, finished):
+    """Sum of log-probabilities (and attention (T, P)) the model gives one caption under teacher forcing."""
+    vocab = model.vocab
+    ids = [vocab.start_id, *tokens] + ([vocab.end_id] if finished else [])
+    captions = torch.tensor([ids])
+    lengths = torch.tensor([len(ids)])
+    with torch.no_grad():
+        logits, alphas = model.decoder(features.unsqueeze(0), captions, lengths)
+    log_probs = torch.log_softmax(logits[0], dim=-1)
+    total = sum(float(log_probs[t, ids[t + 1]]) for t in range(len(ids) - 1))
+    return total, None if alphas is None else alphas[0, : len(tokens)]
+
+
+def brute_force(model, features, max_length, min_length=1, alpha=0.0):
+    """Every caption of the 4 generatable words up to max_length, ranked as beam search ranks them.
+
+    A caption shorter than max_length is finished (it ends with <end>). One of exactly max_length
+    words is finished if <end> is then the model's most likely token, else unfinished (no <end>).
+    """
+    vocab = model.vocab
+    words = [vocab.unk_id] + [vocab.index[w] for w in ("a", "b", "c")]
+    scored = []
+    for n in range(min_length, max_length + 1):
+        for tokens in itertools.product(words, repeat=n):
+            log_prob, _ = teacher_forced(model, features, list(tokens), True)
+            finished = n < max_length or final_token_is_end(model, features, list(tokens))
+            if not finished:
+                log_prob, _ = teacher_forced(model, features, list(tokens), False)
+            scored.append((log_prob / length_penalty(n + finished, alpha), list(tokens), finished, log_prob))
+    scored.sort(key=lambda item: -item[0])
+    return scored
+
+
+def final_token_is_end(model, features, tokens):
+    vocab = model.vocab
+    ids = [vocab.start_id, *tokens, vocab.end_id]
+    with torch.no_grad():
+        logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+    log_probs = torch.log_softmax(logits[0, -1], dim=-1)
+    log_probs[[vocab.pad_id, vocab.start_id]] = -math.inf
+    return int(log_probs.argmax()) == vocab.end_id
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_equals_exhaustive_search(kind, alpha):
+    model = make_model(kind, seed=3, scale=4.0)
+    features = features_for(model, batch=2)
+    results = generate(model, features, strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha)
+    for image in range(2):
+        best = brute_force(model, features[image], max_length=3, alpha=alpha)
+        got = [(c.tokens, c.finished) for c in results[image]]
+        assert got == [(tokens, finished) for _, tokens, finished, _ in best[:5]]
+        for caption, (score, _, _, log_prob) in zip(results[image], best):
+            assert caption.log_prob == pytest.approx(log_prob, abs=1e-4)
+            assert caption.score == pytest.approx(score, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_of_one_is_greedy(kind, seed):
+    model = make_model(kind, seed=seed, scale=3.0)
+    features = features_for(model, batch=6, seed=seed)
+    greedy = generate(model, features, strategy="greedy", max_length=8)
+    beam = generate(model, features, strategy="beam", beam_size=1, max_length=8)
+    for g, b in zip(greedy, beam):
+        assert (g[0].tokens, g[0].finished) == (b[0].tokens, b[0].finished)
+        assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_batched_equals_one_at_a_time(strategy):
+    model = make_model("attention", seed=5, scale=3.0)
+    features = features_for(model, batch=5)
+    batched = generate(model, features, strategy=strategy, beam_size=3, num_return=1, max_length=10)
+    for image in range(5):
+        alone = generate(model, features[image : image + 1], strategy=strategy, beam_size=3, max_length=10)[0]
+        assert [c.tokens for c in alone] == [c.tokens for c in batched[image]]
+        assert alone[0].log_prob == pytest.approx(batched[image][0].log_prob, abs=1e-5)
+        assert torch.allclose(alone[0].attention, batched[image][0].attention, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_log_prob_equals_teacher_forced_log_prob(kind, strategy):
+    model = make_model(kind, seed=7, scale=2.0)
+    features = features_for(model, batch=3)
+    results = generate(model, features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=6, seed=0)
+    for image, captions in enumerate(results):
+        for caption in captions:
+            expected, _ = teacher_forced(model, features[image], caption.tokens, caption.finished)
+            assert caption.log_prob == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_no_end_ever_returns_max_length_captions(strategy):
+    model = make_model("attention", seed=2)
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.end_id] = -math.inf
+    features = features_for(model, batch=3)
+    results = generate(model, features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=1)
+    assert len(results) == 3
+    for captions in results:
+        assert captions
+        for caption in captions:
+            assert len(caption.tokens) == 7 and not caption.finished
+            assert math.isfinite(caption.log_prob)
+
+
+def _repeating_model():
+    model = make_model("show_tell", seed=4)
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.index["a"]] = 8.0  # "a" is always the likeliest word
+        model.decoder.classifier.bias[model.vocab.end_id] = -8.0
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_no_repeat_ngram_blocking(strategy):
+    model = _repeating_model()
+    features = features_for(model, batch=2)
+    plain = generate(model, features, strategy=strategy, max_length=6)
+    assert plain[0][0].text.split().count("a") >= 4
+    for n in (1, 2, 3):
+        for captions in generate(model, features, strategy=strategy, max_length=6, no_repeat_ngram_size=n, beam_size=3):
+            words = captions[0].tokens
+            ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+            assert len(ngrams) == len(set(ngrams)), (n, captions[0].text)
+
+
+def test_length_penalty_changes_ranking_as_documented():
+    model = make_model("attention", seed=11, scale=1.5)
+    features = features_for(model, batch=8)
+    short = generate(model, features, strategy="beam", beam_size=5, max_length=12, length_penalty=0.0)
+    long = generate(model, features, strategy="beam", beam_size=5, max_length=12, length_penalty=2.0)
+    assert sum(len(c[0].tokens) for c in long) > sum(len(c[0].tokens) for c in short)
+    for captions in long:
+        for caption in captions:
+            scored = len(caption.tokens) + caption.finished
+            assert caption.score == pytest.approx(caption.log_prob / ((5 + scored) / 6) ** 2.0, rel=1e-6)
+
+
+def test_n_best_is_sorted_distinct_and_min_length_holds():
+    model = make_model("attention", seed=12, scale=2.0)
+    results = generate(model, features_for(model), strategy="beam", beam_size=5, num_return=5, max_length=8, min_length=3)
+    for captions in results:
+        assert len(captions) == 5
+        assert [c.score for c in captions] == sorted((c.score for c in captions), reverse=True)
+        assert len({(tuple(c.tokens), c.finished) for c in captions}) == 5
+        assert all(len(c.tokens) >= 3 for c in captions)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_attention_maps_follow_the_returned_caption(strategy):
+    model = make_model("attention", seed=13, scale=2.0)
+    features = features_for(model, batch=3, regions=6)
+    results = generate(model, features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=3)
+    for image, captions in enumerate(results):
+        for caption in captions:
+            assert caption.attention.shape == (len(caption.tokens), 6)
+            assert torch.allclose(caption.attention.sum(dim=1), torch.ones(len(caption.tokens)), atol=1e-5)
+            _, expected = teacher_forced(model, features[image], caption.tokens, caption.finished)
+            assert torch.allclose(caption.attention, expected, atol=1e-5)
+
+
+def test_show_tell_has_no_attention_and_unk_can_be_blocked():
+    model = make_model("show_tell", seed=1)
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.unk_id] = 10.0
+    features = features_for(model, batch=2)
+    assert "<unk>" in generate(model, features, strategy="greedy")[0][0].text
+    for captions in generate(model, features, strategy="beam", allow_unk=False):
+        assert captions[0].attention is None and "<unk>" not in captions[0].text
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    model = make_model("attention", seed=14, scale=1.0)
+    features = features_for(model, batch=3)
+    first = generate(model, features, strategy="sample", num_return=4, seed=123, max_length=8)
+    second = generate(model, features, strategy="sample", num_return=4, seed=123, max_length=8)
+    assert [[c.tokens for c in cs] for cs in first] == [[c.tokens for c in cs] for cs in second]
+    assert all(len(cs) == 4 for cs in first)
+    assert len({tuple(c.tokens) for cs in first for c in cs}) > 3  # not all the same
+    greedy = generate(model, features, strategy="greedy", max_length=8)
+    top1 = generate(model, features, strategy="sample", top_k=1, seed=5, max_length=8)
+    assert [g[0].tokens for g in greedy] == [t[0].tokens for t in top1]
+    nucleus = generate(model, features, strategy="sample", top_p=1e-6, seed=5, max_length=8)
+    assert [g[0].tokens for g in greedy] == [t[0].tokens for t in nucleus]
+
+
+def test_model_mode_is_restored_and_images_are_encoded():
+    model = make_model("attention")
+    model.train()
+    images = torch.randn(2, 3, 64, 64)
+    results = generate(model, images, strategy="greedy", max_length=4)
+    assert len(results) == 2 and model.training
+    assert results[0][0].attention.shape[1] == 4  # a 64x64 image gives a 2x2 stride-32 grid
+    assert generate(model, torch.zeros(0, 4, model.decoder.feature_dim)) == []
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="strategy"):
+        GenerationConfig(strategy="nucleus")
+    with pytest.raises(ConfigError, match="cannot return 4"):
+        GenerationConfig(beam_size=3, num_return=4)
+    with pytest.raises(ConfigError, match="min_length"):
+        GenerationConfig(min_length=40, max_length=30)
+    with pytest.raises(ConfigError, match="greedy"):
+        GenerationConfig(strategy="greedy", num_return=2)
+    model = make_model()
+    with pytest.raises(ConfigError, match="expected images"):
+        generate(model, torch.zeros(3, 4))

@@ -1,0 +1,173 @@
+"""Checkpoints: round trip, mismatches refused, hostile and damaged files refused, nothing unpickled."""
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from captioner.errors import CheckpointError
+from captioner.models.captioner import Captioner
+from conftest import make_model, make_vocab
+
+
+def outputs(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 4, model.decoder.feature_dim, generator=generator)
+    captions = torch.tensor([[1, 4, 5, 2], [1, 6, 2, 0]])
+    lengths = torch.tensor([4, 3])
+    with torch.no_grad():
+        return model.decoder(features, captions, lengths)[0]
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, kind):
+    model = make_model(kind, pretrained=True)
+    model.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    loaded = Captioner.load(tmp_path / "ckpt")
+    assert torch.equal(outputs(model), outputs(loaded))
+    assert loaded.vocab.words == model.vocab.words and not loaded.training
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    # a pretrained, frozen encoder is rebuilt from the installed package, not copied into the checkpoint
+    assert config["encoder_weights"] == "package" and config["vocab_size"] == len(model.vocab)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as stored:
+        assert all(name.startswith("decoder.") for name in stored.keys())
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o044  # readable by others, like any file
+    images = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model.encode(images), loaded.encode(images))
+    # the model.safetensors path itself is accepted too
+    assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt" / "model.safetensors")), outputs(model))
+
+
+def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
+    model = make_model("attention")
+    model.save(tmp_path / "full")
+    model.save(tmp_path / "half", half=True)
+    full, half = (tmp_path / "full" / "model.safetensors").stat().st_size, (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert half < 0.6 * full
+    assert torch.allclose(outputs(Captioner.load(tmp_path / "half")), outputs(model), atol=1e-2)
+
+
+def test_fine_tuned_or_random_encoder_is_stored(tmp_path):
+    random_encoder = make_model("attention")
+    random_encoder.save(tmp_path / "random")
+    assert json.loads((tmp_path / "random" / "config.json").read_text())["encoder_weights"] == "checkpoint"
+    images = torch.randn(1, 3, 64, 64)
+    assert torch.equal(random_encoder.encode(images), Captioner.load(tmp_path / "random").encode(images))
+    model = make_model("attention", pretrained=True)
+    model.fine_tune_encoder(1)
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(0.5)
+    model.save(tmp_path / "ckpt")
+    loaded = Captioner.load(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.encoder.state_dict().items(), loaded.encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_mismatched_vocabulary_is_refused(tmp_path):
+    make_model("attention").save(tmp_path / "ckpt")
+    make_vocab(("a", "b", "c", "d")).save(tmp_path / "ckpt" / "vocab.json")
+    with pytest.raises(CheckpointError, match="config.json says 7 words but vocab.json has 8"):
+        Captioner.load(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["vocab_size"] = 8
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"does not match its config or vocabulary: decoder\.embedding\.weight has shape \(7, 16\), expected \(8, 16\)"):
+        Captioner.load(tmp_path / "ckpt")
+
+
+def test_mismatched_config_is_refused(tmp_path):
+    make_model("attention").save(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["decoder"]["hidden_dim"] = 32
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match"):
+        Captioner.load(tmp_path / "ckpt")
+    config["decoder"]["hidden_dim"] = 24
+    config["decoder"]["kind"] = "show_tell"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing .* tensor"):
+        Captioner.load(tmp_path / "ckpt")
+
+
+class Canary:
+    """Unpickling this object writes a file: proof that code ran."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("where", ["model.safetensors", "model.pt"])
+def test_a_pickle_is_refused_and_nothing_runs(tmp_path, where):
+    model = make_model("attention")
+    model.save(tmp_path / "ckpt")
+    canary = tmp_path / "canary"
+    Canary.path = str(canary)
+    payload = pickle.dumps({"state_dict": Canary()})
+    assert not canary.exists()
+    if where == "model.safetensors":
+        (tmp_path / "ckpt" / "model.safetensors").write_bytes(payload)
+        with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+            Captioner.load(tmp_path / "ckpt")
+    else:
+        torch.save({"state_dict": Canary()}, tmp_path / "model.pt")
+        with pytest.raises(CheckpointError, match="refusing to load .*model.pt.*never loaded"):
+            Captioner.load(tmp_path / "model.pt")
+    assert not canary.exists()
+
+
+def test_truncated_weights_missing_files_and_newer_format(tmp_path):
+    make_model("attention").save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        Captioner.load(tmp_path / "ckpt")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        Captioner.load(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        Captioner.load(tmp_path / "nowhere")
+    make_model("attention").save(tmp_path / "new")
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    config["format"] = 99
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format 99, newer than this captioner reads"):
+        Captioner.load(tmp_path / "new")
+    (tmp_path / "new" / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Captioner.load(tmp_path / "new")
+    shutil.rmtree(tmp_path / "new")
+
+
+def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):
+    from captioner.models import checkpoint
+
+    first = make_model("attention", seed=1)
+    first.save(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError):
+        make_model("attention", seed=2).save(tmp_path / "ckpt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt")), outputs(first))
+
+
+def test_default_model_message_when_none_ships():
+    from captioner.models.captioner import DEFAULT_MODEL_DIR
+
+    if (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        pytest.skip("a default model ships with this build")
+    with pytest.raises(CheckpointError, match="no default model ships"):
+        Captioner.load("default")
