@@ -64,7 +64,7 @@ def final_token_is_end(model, features, tokens):
 def test_beam_search_equals_exhaustive_search(kind, alpha):
     model = make_model(kind, seed=3, scale=4.0)
     features = features_for(model, batch=2)
-    results = generate(model, features, strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha)
+    results = generate(model, features, strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha, allow_unk=True)
     for image in range(2):
         best = brute_force(model, features[image], max_length=3, alpha=alpha)
         got = [(c.tokens, c.finished) for c in results[image]]
@@ -181,13 +181,13 @@ def test_attention_maps_follow_the_returned_caption(strategy):
             assert torch.allclose(caption.attention, expected, atol=1e-5)
 
 
-def test_show_tell_has_no_attention_and_unk_can_be_blocked():
+def test_show_tell_has_no_attention_and_unk_is_blocked_unless_allowed():
     model = make_model("show_tell", seed=1)
     with torch.no_grad():
         model.decoder.classifier.bias[model.vocab.unk_id] = 10.0
     features = features_for(model, batch=2)
-    assert "<unk>" in generate(model, features, strategy="greedy")[0][0].text
-    for captions in generate(model, features, strategy="beam", allow_unk=False):
+    assert "<unk>" in generate(model, features, strategy="greedy", allow_unk=True)[0][0].text
+    for captions in generate(model, features, strategy="beam"):  # <unk> is blocked by default
         assert captions[0].attention is None and "<unk>" not in captions[0].text
 
 

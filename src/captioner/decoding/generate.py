@@ -39,7 +39,7 @@ class GenerationConfig:
     min_length: int = 1  # <end> is not allowed before this many words
     length_penalty: float = 0.0  # GNMT alpha: rank by log_prob / ((5 + n) / 6) ** alpha, n = scored tokens
     no_repeat_ngram_size: int = 0  # block any n-gram from appearing twice in a caption (0: off)
-    allow_unk: bool = True  # False: never generate <unk>
+    allow_unk: bool = False  # <unk> is never generated unless this is True (it is not a word anyone wants to read)
     temperature: float = 1.0  # sample only
     top_k: int = 0  # sample only: keep the k most likely words (0: all)
     top_p: float = 1.0  # sample only: keep the smallest set of words with this much probability

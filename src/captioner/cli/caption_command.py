@@ -1,0 +1,304 @@
+"""``captioner caption``: caption image files, folders and globs with a trained model.
+
+Output on stdout, one line per image: ``PATH<TAB>CAPTION``. With ``--n-best N`` (N > 1) the
+alternatives follow that line, one per line, as ``<TAB>RANK. CAPTION`` (RANK 2..N), so
+``grep -v '^<TAB>'`` keeps the best captions only. Unreadable images are reported on stderr, one
+line each, and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from captioner.errors import CaptionerError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from captioner.models.captioner import Captioner, CaptionResult
+
+#: With fewer images than this, no progress bar is shown.
+PROGRESS_MIN_IMAGES = 20
+PREFIX = "captioner caption"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "caption",
+        help="write a caption for each image",
+        description=(
+            "Caption image files, folders (their image files) and glob patterns with a trained model.\n\n"
+            "output: one line per image on stdout, PATH<TAB>CAPTION. With --n-best N > 1 the next N-1\n"
+            "captions follow that line, one per line, as <TAB>RANK. CAPTION (RANK 2..N).\n"
+            "Images that cannot be read are reported on stderr, one line each, and skipped; the exit\n"
+            "status is then 1 (0 when every image was captioned)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  captioner caption photo.jpg\n"
+            "  captioner caption photos/ 'more/*.png' --model runs/f8k/best --json captions.jsonl\n"
+            "  captioner caption dog.jpg --n-best 3 --attention attention/\n"
+            "\n"
+            "--json FILE writes one JSON object per captioned image:\n"
+            '  {"source", "caption", "words", "score", "log_prob", "n_best": [{"caption", "score", "log_prob"}, ...]}\n'
+            '  (plus "attention_figure", its PNG, with --attention).\n'
+            "--attention DIR writes NAME.png per image (NAME from the image file; NAME-2.png, ... when two\n"
+            "  images share a name): the image with the caption, then each word's attention over the image."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns (quote globs)")
+    parser.add_argument("--model", default="default", metavar="PATH", help="checkpoint folder, or 'default' for the shipped model (default)")
+    parser.add_argument("--beam", type=int, default=5, metavar="K", help="beam size; 1 is greedy decoding (default 5)")
+    parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
+    parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default 0)")
+    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (written when the run ends)")
+    parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+# ----- inputs -------------------------------------------------------------------------------------
+
+
+def expand_inputs(entries: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders and globs -> (image paths in order, without repeats; entries that matched nothing).
+
+    Missing plain files are kept (they are reported as unreadable later, like any bad image).
+    """
+    from captioner.data.images import list_images
+
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    empty: list[str] = []
+    for entry in entries:
+        found = list_images([entry])
+        if not found:
+            empty.append(entry)
+        for path in found:
+            key = Path(os.path.abspath(path))
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths, empty
+
+
+def why_nothing(entry: str) -> str:
+    """Why a command-line entry gave no image to caption, in a few words."""
+    path = Path(entry)
+    if path.is_dir():
+        return f"{entry} has no image files"
+    if path.exists():
+        return f"{entry} is not a file"
+    if any(char in entry for char in "*?["):
+        return f"{entry} matches no files"
+    return f"{entry} does not exist"
+
+
+def refuse_if_nothing(entries: list[str], paths: list[Path]) -> None:
+    """One clear error when not a single input could be an image (all missing or matching nothing)."""
+    if any(path.exists() for path in paths):
+        return
+    reasons = [why_nothing(entry) for entry in entries]
+    raise CaptionerError(f"no images to caption: {'; '.join(reasons)}")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values before any model or image is loaded."""
+    if args.beam < 1:
+        raise ConfigError(f"--beam must be at least 1, not {args.beam}")
+    if args.n_best < 1:
+        raise ConfigError(f"--n-best must be at least 1, not {args.n_best}")
+    if args.max_length is not None and args.max_length < 1:
+        raise ConfigError(f"--max-length must be at least 1, not {args.max_length}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; give a file name such as captions.jsonl")
+    if args.attention and Path(args.attention).exists() and not Path(args.attention).is_dir():
+        raise ConfigError(f"--attention {args.attention} exists and is not a folder")
+
+
+def attention_names(paths: list[Path]) -> dict[Path, str]:
+    """A distinct PNG file name per image, from its name: ``dog.png``; ``dog-2.png`` for a second ``dog.*``.
+
+    Names are given in input order, so re-running the same command rewrites the same files.
+    Comparison ignores case (two names differing only in case are one file on macOS and Windows).
+    """
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem = path.stem or "image"
+        candidate, number = f"{stem}.png", 1
+        while candidate.lower() in taken:
+            number += 1
+            candidate = f"{stem}-{number}.png"
+        taken.add(candidate.lower())
+        names[path] = candidate
+    return names
+
+
+# ----- output -------------------------------------------------------------------------------------
+
+
+def caption_lines(source: str, result: "CaptionResult", n_best: int) -> list[str]:
+    """``PATH<TAB>CAPTION``, then ``<TAB>RANK. CAPTION`` for the alternatives when ``n_best`` > 1."""
+    lines = [f"{source}\t{result.text}"]
+    if n_best > 1:
+        lines.extend(f"\t{rank}. {alternative.text}" for rank, alternative in enumerate(result.n_best[1:n_best], start=2))
+    return lines
+
+
+def json_record(result: "CaptionResult", figure: Path | None) -> dict[str, Any]:
+    record = result.to_dict()
+    if figure is not None:
+        record["attention_figure"] = str(figure)
+    return record
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    from captioner.atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+@dataclass
+class Console:
+    """Writes caption lines to stdout and notes to stderr without breaking the progress bar."""
+
+    bar: Any = None  # a tqdm bar, or None
+
+    def out(self, line: str) -> None:
+        self._write(line, sys.stdout)
+
+    def err(self, line: str) -> None:
+        self._write(f"{PREFIX}: {line}", sys.stderr)
+
+    def _write(self, line: str, stream: Any) -> None:
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=stream)
+        else:
+            print(line, file=stream)
+        stream.flush()
+
+
+# ----- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    failed: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> list[tuple[Path, "Image.Image"]]:
+    """Decode images; each unreadable one is reported (one line) and left out."""
+    from captioner.data.images import load_image
+    from captioner.errors import ImageLoadError
+
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path, draft=draft)))
+        except ImageLoadError as error:
+            report(f"{error} (skipped)")
+    return loaded
+
+
+def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def write_attention(folder: Path, name: str, image: "Image.Image", result: "CaptionResult", model: "Captioner") -> Path | None:
+    import numpy as np
+
+    from captioner.visualize.attention import encoder_view, save_attention_figure
+
+    attention = result.attention
+    if attention is None:
+        if result.words:
+            return None  # the model gave no attention maps for this caption
+        attention = np.zeros((0, 1, 1), dtype=np.float32)
+    view = encoder_view(image, model.preprocessing)
+    return save_attention_figure(folder / name, view, result.words, attention, caption=result.text)
+
+
+def caption_images(model: "Captioner", loaded: list[tuple[Path, "Image.Image"]], args: argparse.Namespace) -> list["CaptionResult"]:
+    """Caption decoded images as one batch; each result (and its n-best list) names its file."""
+    if not loaded:
+        return []
+    results = model.caption(
+        [image for _, image in loaded],
+        beam_size=args.beam,
+        n_best=args.n_best,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        batch_size=len(loaded),
+    )
+    assert isinstance(results, list)
+    for (path, _), result in zip(loaded, results):
+        for item in (result, *result.n_best):
+            item.source = str(path)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    check_options(args)
+    paths, empty = expand_inputs(args.images)
+    refuse_if_nothing(args.images, paths)
+
+    from tqdm import tqdm
+
+    from captioner.device import resolve_device
+    from captioner.models.captioner import Captioner
+
+    model = Captioner.load(args.model, device=resolve_device(args.device))
+    console = Console()
+    for entry in empty:
+        console.err(f"{why_nothing(entry)} (skipped)")
+
+    attention_folder = Path(args.attention) if args.attention else None
+    if attention_folder is not None and model.config.decoder.kind != "attention":
+        console.err(f"note: {args.model} is a Show and Tell model, which has no attention; --attention writes no pictures")
+        attention_folder = None
+    if attention_folder is not None:
+        attention_folder.mkdir(parents=True, exist_ok=True)
+    names = attention_names(paths) if attention_folder is not None else {}
+
+    preprocessing = model.preprocessing
+    draft = preprocessing.image_size + (preprocessing.crop_padding if preprocessing.resize == "crop" else 0)
+    outcome = Outcome(failed=len(empty))
+    with tqdm(
+        total=len(paths), unit="img", desc="captioning", leave=False, file=sys.stderr,
+        disable=True if args.quiet or len(paths) < PROGRESS_MIN_IMAGES else None,
+    ) as bar:
+        console.bar = bar
+        for chunk in chunks(paths, args.batch_size):
+            loaded = read_chunk(chunk, draft, console.err)
+            outcome.failed += len(chunk) - len(loaded)
+            for (path, image), result in zip(loaded, caption_images(model, loaded, args)):
+                figure = write_attention(attention_folder, names[path], image, result, model) if attention_folder else None
+                for line in caption_lines(result.source, result, args.n_best):
+                    console.out(line)
+                outcome.records.append(json_record(result, figure))
+            bar.update(len(chunk))
+        console.bar = None
+
+    if args.json:
+        write_jsonl(args.json, outcome.records)
+    if outcome.failed:
+        total = len(paths) + len(empty)
+        console.err(f"{outcome.failed} of {total} inputs could not be captioned")
+        return 1
+    return 0

@@ -1,0 +1,56 @@
+"""``captioner evaluate``: score a checkpoint on a split with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a model on a dataset split with the COCO caption metrics",
+        description=(
+            "Decode every image of a split (no teacher forcing) and score the captions against all references with "
+            "the COCO caption evaluation code: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, corpus-level, 0-100. "
+            "Writes results.json and captions.jsonl and prints a table."
+        ),
+        epilog="examples:\n  captioner evaluate runs/f8k/best --split test --beam 1 3 5\n  captioner evaluate default --data data/f8k --split test",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint folder, or 'default' for the shipped model")
+    parser.add_argument("--data", metavar="DIR", help="prepared folder (default: the one the checkpoint was trained on)")
+    parser.add_argument("--images", metavar="DIR", help="image folder, if it moved since prepare")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
+    parser.add_argument("--beam", type=int, nargs="+", default=[3], metavar="K", help="beam sizes to score, e.g. 1 3 5 (1 is greedy; default 3)")
+    parser.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha (default 0)")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
+    parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from captioner.training.evaluate import evaluate_model
+
+    report = evaluate_model(
+        args.model,
+        data=args.data,
+        images=args.images,
+        split=args.split,
+        beams=args.beam,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        limit=args.limit,
+        meteor=not args.no_meteor,
+        out=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print("\n".join(report.table()))
+    print(f"wrote {report.out / 'results.json'} and {report.out / 'captions.jsonl'}")
+    return 0

@@ -1,0 +1,237 @@
+"""The training configuration: one typed dataclass, read from TOML/YAML, overridden from the command line.
+
+Precedence: defaults < config file < ``--set key=value`` and named flags. The resolved config is
+saved as ``config.toml``-equivalent JSON (``train_config.json``) in the run folder and in every
+checkpoint, so ``--resume`` and ``captioner evaluate`` know exactly what was run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from captioner.errors import ConfigError
+from captioner.models.decoder import DecoderConfig
+from captioner.models.encoder import EncoderConfig
+
+SCHEDULES = ("constant", "step", "plateau", "cosine")
+METRICS_FOR_STOPPING = ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
+
+
+@dataclass
+class TrainConfig:
+    # ----- data and output
+    data: str = ""  # a prepared folder (captioner prepare)
+    out: str = "runs/captioner"
+    images: str | None = None  # the image folder, if it moved since prepare
+    # ----- model
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image_size: int | None = None  # encoder input side; None: the backbone's native size
+    resize: str = "squash"  # "squash" (whole image, aspect ignored) or "crop" (short side + centre crop)
+    max_length: int = 30  # longest caption generated (validation and the saved model's default)
+    word_vectors: str | None = None  # GloVe-format text file for the embedding (embed_dim must match)
+    # ----- optimisation
+    epochs: int = 20
+    batch_size: int = 32  # images per batch; each brings seq_per_img captions
+    seq_per_img: int = 5
+    decoder_lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max gradient norm; 0 turns clipping off
+    label_smoothing: float = 0.0
+    attention_regularization: float = 1.0  # lambda of the doubly stochastic attention term (Xu et al.)
+    schedule: str = "plateau"  # constant | step | plateau (on the validation metric) | cosine
+    warmup_steps: int = 0  # linear warm-up of every learning rate over this many steps
+    lr_step_epochs: int = 3  # step: decay every this many epochs
+    lr_gamma: float = 0.8  # step: decay factor
+    plateau_patience: int = 1  # plateau: epochs without improvement before decaying
+    plateau_factor: float = 0.5
+    min_lr: float = 1e-6
+    scheduled_sampling_start: int = -1  # epoch at which scheduled sampling starts (-1: never)
+    scheduled_sampling_increase: float = 0.05  # probability added every scheduled_sampling_every epochs
+    scheduled_sampling_every: int = 2
+    scheduled_sampling_max: float = 0.25
+    fine_tune_encoder: int = 0  # encoder stages to train (0: frozen, features are cached)
+    fine_tune_from_epoch: int = 0  # start fine-tuning the encoder at this epoch
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, off on CPU) | off | bf16 | fp16
+    nan_policy: str = "skip"  # a non-finite loss: skip the step, or stop the run
+    # ----- validation and stopping
+    val_beam_size: int = 3  # 1 decodes greedily
+    val_max_images: int = 0  # 0: the whole validation split
+    early_stopping_metric: str = "CIDEr-D"
+    patience: int = 5  # epochs without improvement before stopping (0: never stop early)
+    # ----- runtime
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 2  # image-loading processes (feature caching and fine-tuning)
+    feature_cache: str | None = None  # folder for cached features; default: <data>/features
+    encode_batch_size: int = 64
+    save_every_steps: int = 0  # also save last/ every this many steps (0: at epoch ends only)
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit); for smoke runs
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}"),
+            (self.seq_per_img >= 1, f"seq_per_img must be at least 1, not {self.seq_per_img}"),
+            (self.decoder_lr > 0 and self.encoder_lr > 0, "learning rates must be positive"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.attention_regularization >= 0, "attention_regularization must be >= 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.resize in ("squash", "crop"), f"resize must be squash or crop, not {self.resize!r}"),
+            (self.amp in ("auto", "off", "bf16", "fp16"), f"amp must be auto, off, bf16 or fp16, not {self.amp!r}"),
+            (self.nan_policy in ("skip", "stop"), f"nan_policy must be skip or stop, not {self.nan_policy!r}"),
+            (self.val_beam_size >= 1, "val_beam_size must be at least 1"),
+            (self.early_stopping_metric in METRICS_FOR_STOPPING, f"early_stopping_metric must be one of {', '.join(METRICS_FOR_STOPPING)}"),
+            (self.max_length >= 1, "max_length must be at least 1"),
+            (self.fine_tune_encoder >= 0, "fine_tune_encoder must be >= 0"),
+            (self.image_size is None or self.image_size >= 32, "image_size must be at least 32"),
+            (0 <= self.scheduled_sampling_max <= 1, "scheduled_sampling_max must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    # ----- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        return _build(cls, values, source)
+
+    def save(self, path: Path) -> None:
+        from captioner.atomic import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (or YAML, if PyYAML is installed) file -> nested dict, tables as sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:
+            raise ConfigError(f"{path} is YAML, which needs PyYAML (pip install pyyaml); or use TOML") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a table of settings")
+    return data
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["decoder.hidden_dim=1024", "epochs=5"]`` -> merged into a copy of ``values``.
+
+    Values are parsed as TOML values where possible (numbers, booleans, quoted strings), else kept
+    as strings, then converted to the field's type when the config is built.
+    """
+    merged = json.loads(json.dumps(values))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, not {override!r}")
+        target = merged
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        target[parts[-1]] = raw.strip()
+    return merged
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table of settings")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(unknown)} (known: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where != "config" else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _convert(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _convert(value, options[0], name)
+    if is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return _build(hint, value, name)
+    if origin is tuple:
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, not {value!r}")
+        try:
+            number = float(value) if hint is float else int(str(value), 10) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'}, not {value!r}") from None
+        if hint is int and isinstance(number, float):
+            if not number.is_integer():
+                raise ConfigError(f"{name} must be an integer, not {value!r}")
+            number = int(number)
+        return hint(number)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} must be a string")
+        text = str(value)
+        return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
+    return value
+
+
+def defaults_table() -> list[tuple[str, Any]]:
+    """(name, default) for every top-level setting, for help texts."""
+    result = []
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            result.append((f.name, f.default))
+    return result

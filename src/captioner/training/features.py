@@ -1,0 +1,152 @@
+"""The feature cache: encode each image once with a frozen encoder, train the decoder from disk.
+
+One ``.npy`` file per split holds float16 features (N, P, D) in the split's image order, memory-mapped
+when read, plus a ``.json`` sidecar saying what it holds. Its name carries a key: a hash of the
+encoder config, the preprocessing, and each image's path, size and modification time, so changing
+any of them builds a new cache instead of silently reusing a stale one. Files are written under a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.atomic import write_text_atomic
+from captioner.data.images import Preprocessing, load_image
+from captioner.errors import CaptionerError, ImageLoadError
+from captioner.models.encoder import Encoder
+
+
+class ImageFiles(Dataset):
+    """Preprocessed image tensors for a list of paths (decoding happens in DataLoader workers).
+
+    Items are ``(tensor, error)``: a worker cannot re-raise our error types faithfully, so an
+    unreadable image comes back as a zero tensor and its one-line message, raised by
+    :func:`raise_image_errors` in the main process.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing) -> None:
+        self.paths = list(paths)
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            image = load_image(self.paths[index], draft=self.preprocessing.image_size)
+        except ImageLoadError as error:
+            size = self.preprocessing.image_size
+            return torch.zeros(3, size, size), f"{error}; run 'captioner prepare' again to drop it"
+        return self.preprocessing(image), ""  # (3, S, S)
+
+
+def raise_image_errors(errors: Sequence[str]) -> None:
+    for error in errors:
+        if error:
+            raise CaptionerError(error)
+
+
+def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"encoder": encoder.config.to_dict(), "preprocessing": preprocessing.to_dict()}, sort_keys=True).encode())
+    for path in paths:
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_features(
+    encoder: Encoder,
+    preprocessing: Preprocessing,
+    paths: Sequence[Path],
+    cache_dir: str | Path,
+    name: str,
+    *,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Features (N, P, D) float16 for ``paths``, memory-mapped from the cache; built first if needed."""
+    cache_dir = Path(cache_dir)
+    key = cache_key(encoder, preprocessing, paths)
+    array_path = cache_dir / f"{name}-{key}.npy"
+    if not array_path.is_file():
+        build_cache(encoder, preprocessing, paths, array_path, batch_size=batch_size, workers=workers, device=device, progress=progress, label=name)
+    return np.load(array_path, mmap_mode="r")
+
+
+def build_cache(
+    encoder: Encoder,
+    preprocessing: Preprocessing,
+    paths: Sequence[Path],
+    array_path: Path,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device | str,
+    progress: bool,
+    label: str,
+) -> None:
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.to(device).eval()
+    with torch.no_grad():
+        probe = encoder(torch.zeros(1, 3, preprocessing.image_size, preprocessing.image_size, device=device))  # (1, P, D)
+    shape = (len(paths), probe.shape[1], probe.shape[2])
+    temp_path = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    loader = DataLoader(
+        ImageFiles(paths, preprocessing),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
+    start = time.perf_counter()
+    try:
+        array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.float16, shape=shape)
+        position = 0
+        bar = tqdm(total=len(paths), desc=f"encoding {label} images", unit="img", disable=not progress or None)
+        with torch.inference_mode():
+            for images, errors in loader:
+                raise_image_errors(errors)
+                features = encoder(images.to(device, non_blocking=True))  # (b, P, D)
+                array[position : position + len(features)] = features.to(torch.float16).cpu().numpy()
+                position += len(features)
+                bar.update(len(features))
+        bar.close()
+        array.flush()
+        del array
+        os.replace(temp_path, array_path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    elapsed = time.perf_counter() - start
+    write_text_atomic(
+        array_path.with_suffix(".json"),
+        json.dumps(
+            {
+                "images": len(paths),
+                "shape": list(shape),
+                "dtype": "float16",
+                "encoder": encoder.config.to_dict(),
+                "preprocessing": preprocessing.to_dict(),
+                "seconds": round(elapsed, 1),
+                "images_per_second": round(len(paths) / max(elapsed, 1e-9), 1),
+            },
+            indent=2,
+        ),
+    )

@@ -1,0 +1,164 @@
+"""``captioner caption`` as a user runs it: a real subprocess over a folder of generated images."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_model
+from PIL import Image
+
+from captioner.cli.caption_command import attention_names
+from captioner.models.captioner import DEFAULT_MODEL_DIR
+from captioner.visualize.attention import PANEL_INCHES, TITLE_INCHES, figure_grid
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "captioner", "caption", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_image(path: Path, seed: int, size=(64, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caption_models")
+    return {
+        "attention": make_model("attention", pretrained=True).save(root / "attention"),
+        "show_tell": make_model("show_tell", pretrained=True).save(root / "show_tell"),
+    }
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of three good images (PNG and JPEG) and two bad ones."""
+    folder = tmp_path / "photos"
+    good = [write_image(folder / "one.png", 1), write_image(folder / "two.jpg", 2, (80, 48)), write_image(folder / "three.jpeg", 3)]
+    (folder / "notes.jpg").write_text("this is text, not a JPEG")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("not an image suffix: ignored")
+    return folder, good
+
+
+def main_lines(stdout):
+    return [line for line in stdout.splitlines() if not line.startswith("\t")]
+
+
+def test_folder_with_bad_images(models, photos, tmp_path):
+    folder, good = photos
+    out = tmp_path / "out" / "captions.jsonl"
+    result = run(folder, "--model", models["attention"], "--beam", 3, "--n-best", 3, "--max-length", 4, "--json", out, "--quiet")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+    # stderr: one line per bad image, naming it and why
+    errors = result.stderr.strip().splitlines()
+    assert len([line for line in errors if "notes.jpg" in line]) == 1
+    assert len([line for line in errors if "empty.jpg" in line]) == 1
+    assert any("notes.jpg" in line and "not an image" in line for line in errors)
+    assert any("empty.jpg" in line and "empty" in line for line in errors)
+    assert all(line.startswith("captioner caption: ") for line in errors)
+
+    # stdout: PATH<TAB>CAPTION per good image, alternatives below as <TAB>RANK. CAPTION
+    lines = result.stdout.splitlines()
+    captions = dict(line.split("\t") for line in main_lines(result.stdout))
+    assert sorted(captions) == sorted(str(path) for path in good)
+    assert all(re.fullmatch(r"\t[23]\. \S.*", line) for line in lines if line.startswith("\t")), lines
+    assert not lines[0].startswith("\t")
+
+    # --json: one valid object per good image, also though some failed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == [line.split("\t")[0] for line in main_lines(result.stdout)]
+    for record in records:
+        assert record["caption"] == captions[record["source"]]
+        assert record["words"] == record["caption"].split() and 1 <= len(record["words"]) <= 4
+        assert record["log_prob"] <= 0 and isinstance(record["score"], float)
+        assert len(record["n_best"]) == 3 and record["n_best"][0]["caption"] == record["caption"]
+        assert "attention_figure" not in record
+    assert [p.name for p in out.parent.iterdir()] == ["captions.jsonl"]  # no temporary file left
+
+
+def test_all_good_exits_0(models, photos, tmp_path):
+    folder, good = photos
+    pattern = str(folder / "*.png")
+    result = run(pattern, good[1], "--model", models["attention"], "--beam", 1, "--max-length", 3)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(good[0]), str(good[1])]  # n-best 1: no alternative lines
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+
+
+def test_no_inputs_is_one_line_error(models, tmp_path):
+    (tmp_path / "empty_folder").mkdir()
+    result = run(tmp_path / "empty_folder", tmp_path / "nothing*.jpg", tmp_path / "missing.png", "--model", models["attention"])
+    assert_one_line_error(result, "no images", "empty_folder", "nothing*.jpg", "missing.png")
+
+
+def test_default_model_until_one_ships(photos):
+    folder, good = photos
+    result = run(good[0], "--model", "default")
+    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"{good[0]}\t")
+    else:
+        assert_one_line_error(result, "default model")
+
+
+def test_attention_pictures(models, tmp_path):
+    # two 'a.jpg' from different folders must not overwrite each other
+    images = [write_image(tmp_path / "x" / "a.jpg", 1), write_image(tmp_path / "y" / "a.jpg", 2), write_image(tmp_path / "z.png", 3)]
+    out, pictures = tmp_path / "captions.jsonl", tmp_path / "attention"
+    result = run(*images, "--model", models["attention"], "--beam", 2, "--max-length", 7, "--attention", pictures, "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in pictures.iterdir()) == ["a-2.png", "a.png", "z.png"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["attention_figure"]).name for r in records] == ["a.png", "a-2.png", "z.png"]
+    for record in records:
+        with Image.open(record["attention_figure"]) as png:
+            assert png.format == "PNG"
+            width, height = png.size
+        # one panel for the image, one per word, 5 to a row (square images: square panels)
+        rows, columns = figure_grid(len(record["words"]) + 1, 5)
+        assert width == pytest.approx(columns * PANEL_INCHES * 100, abs=2)
+        assert height == pytest.approx(rows * (PANEL_INCHES + TITLE_INCHES) * 100, abs=2)
+
+
+def test_show_tell_attention_is_a_note(models, photos, tmp_path):
+    folder, good = photos
+    pictures = tmp_path / "attention"
+    result = run(good[0], good[2], "--model", models["show_tell"], "--attention", pictures, "--max-length", 3)
+    assert result.returncode == 0, result.stderr
+    notes = result.stderr.strip().splitlines()
+    assert len(notes) == 1 and "no attention" in notes[0]
+    assert len(main_lines(result.stdout)) == 2
+    assert not pictures.exists() or not any(pictures.iterdir())
+
+
+def test_bad_options_are_one_line_errors(models, photos):
+    folder, good = photos
+    assert_one_line_error(run(good[0], "--model", models["attention"], "--beam", 0), "--beam")
+    assert_one_line_error(run(good[0], "--model", folder / "no_such_checkpoint"), "no_such_checkpoint")
+
+
+def test_attention_names_are_distinct_and_stable():
+    paths = [Path("x/a.jpg"), Path("y/a.jpg"), Path("a.png"), Path("A.JPG"), Path("a-2.jpg"), Path("dog.jpeg")]
+    names = attention_names(paths)
+    assert [names[p] for p in paths] == ["a.png", "a-2.png", "a-3.png", "A-4.png", "a-2-2.png", "dog.png"]
+    assert len({n.lower() for n in names.values()}) == len(paths)

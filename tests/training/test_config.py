@@ -1,0 +1,42 @@
+import pytest
+
+from captioner.errors import ConfigError
+from captioner.training.config import TrainConfig, apply_overrides, load_config_file
+
+
+def test_toml_file_with_sections_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('data = "data/f8k"\nepochs = 7\n[decoder]\nkind = "show_tell"\nhidden_dim = 256\n[encoder]\nbackbone = "efficientnet_lite0"\n')
+    values = apply_overrides(load_config_file(path), ["decoder.hidden_dim=1024", "decoder_lr=1e-3", "word_vectors=none", "amp=off", "progress=false"])
+    config = TrainConfig.from_dict(values)
+    assert config.epochs == 7 and config.decoder.kind == "show_tell" and config.decoder.hidden_dim == 1024
+    assert config.decoder_lr == 1e-3 and config.word_vectors is None and config.progress is False
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["epochs=ten"], "epochs must be an integer"),
+        (["epochs=2.5"], "epochs must be an integer"),
+        (["decoder.kind=transformer"], "decoder kind"),
+        (["learning_rate=1"], "unknown setting"),
+        (["decoder.layers=2"], "unknown setting"),
+        (["schedule=linear"], "schedule must be"),
+        (["progress=maybe"], "must be true or false"),
+        (["epochs"], "key=value"),
+        (["label_smoothing=1.5"], "label_smoothing"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(apply_overrides({}, overrides))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(bad)

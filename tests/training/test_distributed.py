@@ -1,0 +1,34 @@
+"""The same train command under torchrun: 2 processes on CPU (gloo), checkpoints from rank 0 only."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def torchrun(*args, timeout=600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "captioner", "train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
+    out = tmp_path / "run"
+    settings = [
+        "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "16", "--quiet",
+        "--set", "decoder.hidden_dim=128", "--set", "decoder.embed_dim=64", "--set", "decoder.attention_dim=64",
+        "--set", "decoder_lr=3e-3", "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=3",
+    ]
+    result = torchrun(*settings, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # written once, by rank 0
+    state = json.loads((out / "last" / "training_state.json").read_text())
+    assert len(state["__dict__"][-1][1]) == 2  # the random state of both ranks
+    result = torchrun(*settings, "--epochs", "4", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["val_CIDEr-D"] > records[0]["val_CIDEr-D"]

@@ -1,0 +1,51 @@
+"""captioner evaluate on a model trained on the shapes set: files, table, several beams, METEOR."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from captioner.training.loop import train
+from conftest import shapes_train_config
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    train(shapes_train_config(shapes_prepared, out, epochs=4, decoder={"kind": "show_tell"}))
+    return out
+
+
+def evaluate(*args):
+    return subprocess.run([sys.executable, "-m", "captioner", "evaluate", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_results_for_each_beam(trained_run, tmp_path):
+    result = evaluate(str(trained_run / "best"), "--split", "test", "--beam", "1", "3", "--out", str(tmp_path / "eval"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "BLEU-4" in result.stdout and "CIDEr-D" in result.stdout and "METEOR" in result.stdout
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["beams"]) == {"1", "3"} and results["images"] == 40
+    for scores in results["beams"].values():
+        assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"}
+        assert 0 < scores["BLEU-4"] <= 100 and scores["CIDEr-D"] > 0
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "captions.jsonl").read_text().splitlines()]
+    assert len(lines) == 40 and set(lines[0]["generated"]) == {"beam1", "beam3"} and len(lines[0]["references"]) >= 3
+
+
+@pytest.mark.slow
+def test_evaluate_defaults_and_errors(trained_run, tmp_path):
+    # --data defaults to what the checkpoint was trained on; output goes beside the checkpoint
+    result = evaluate(str(trained_run / "best"), "--split", "val", "--no-meteor", "--limit", "10", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((trained_run / "eval-best-val" / "results.json").read_text())["images"] == 10
+    for args, message in [
+        ((str(tmp_path / "missing"),), "no checkpoint"),
+        ((str(trained_run / "best"), "--beam", "0"), "beam sizes must be at least 1"),
+        ((str(trained_run / "best"), "--data", str(tmp_path)), "not a prepared dataset"),
+        ((str(trained_run / "best"), "--device", "cuda:7"), "CUDA"),
+    ]:
+        result = evaluate(*args)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

@@ -1,0 +1,63 @@
+"""The feature cache: built once, keyed by encoder + preprocessing + images, written atomically."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data.images import Preprocessing
+from captioner.errors import CaptionerError
+from captioner.models.encoder import EncoderConfig, build_encoder
+from captioner.training.features import cached_features
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder(EncoderConfig(feature_layer="last_stage"))
+
+
+def images(folder, count=5):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.new("RGB", (40, 30), (40 * i, 100, 200 - 30 * i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_cache_is_built_once_and_matches_the_encoder(encoder, tmp_path):
+    paths = images(tmp_path / "img")
+    preprocessing = Preprocessing(image_size=64)
+    features = cached_features(encoder, preprocessing, paths, tmp_path / "cache", "train", workers=0, progress=False)
+    assert features.dtype == np.float16 and features.shape == (5, 4, 320)
+    with torch.no_grad():
+        direct = encoder(torch.stack([preprocessing(Image.open(p).convert("RGB")) for p in paths]))
+    assert np.allclose(features, direct.numpy(), atol=2e-2, rtol=1e-2)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")  # no temp files left
+    mtime = (tmp_path / "cache" / files[1]).stat().st_mtime_ns
+    again = cached_features(encoder, preprocessing, paths, tmp_path / "cache", "train", workers=0, progress=False)
+    assert (tmp_path / "cache" / files[1]).stat().st_mtime_ns == mtime and np.array_equal(again, features)
+
+
+def test_changes_build_a_new_cache(encoder, tmp_path):
+    paths = images(tmp_path / "img")
+    cache = tmp_path / "cache"
+    cached_features(encoder, Preprocessing(image_size=64), paths, cache, "train", workers=0, progress=False)
+    cached_features(encoder, Preprocessing(image_size=96), paths, cache, "train", workers=0, progress=False)  # preprocessing
+    assert len(list(cache.glob("*.npy"))) == 2
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(paths[2])  # an image changed
+    os.utime(paths[2], ns=(1, 1))
+    fresh = cached_features(encoder, Preprocessing(image_size=64), paths, cache, "train", workers=0, progress=False)
+    assert len(list(cache.glob("*.npy"))) == 3 and fresh.shape == (5, 4, 320)
+
+
+def test_unreadable_image_is_a_clear_error_and_leaves_no_file(encoder, tmp_path):
+    paths = images(tmp_path / "img")
+    paths[3].write_bytes(b"not an image")
+    with pytest.raises(CaptionerError, match=r"3\.png: not an image.*captioner prepare"):
+        cached_features(encoder, Preprocessing(image_size=64), paths, tmp_path / "cache", "train", workers=0, progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
