@@ -1,0 +1,264 @@
+"""The page in a real headless browser: Debian's Chromium driven by Playwright.
+
+Needs /usr/bin/chromium (``apt-get install chromium``); skipped, saying so, where it is missing.
+Playwright's own browser downloads are never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_model
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+
+
+def noise_png(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    rng = np.random.RandomState(seed)
+    buffer = io.BytesIO()
+    Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    folder = make_model(pretrained=True).save(tmp_path_factory.mktemp("serve_browser") / "ckpt")
+    app = create_app(Captioner.load(folder), ServeConfig(beam_size=3, n_best=3, batch_wait_ms=2), model_name="browser-test")
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    context.set_default_timeout(15_000)
+    opened = context.new_page()
+    problems: list[str] = []
+    requests: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    opened.on(
+        "console",
+        # Chromium logs every non-2xx fetch as a console error; those are expected in error tests.
+        lambda message: problems.append(f"console: {message.text}")
+        if message.type == "error" and "Failed to load resource" not in message.text
+        else None,
+    )
+    opened.on("request", lambda request: requests.append(request.url))
+    opened.goto(server.url)
+    opened.wait_for_selector("body[data-ready]")
+    opened.problems = problems
+    opened.requests = requests
+    yield opened
+    context.close()
+    assert not problems, problems
+    outside = [url for url in requests if not url.startswith((server.url, "blob:", "data:"))]
+    assert not outside, f"the page fetched from elsewhere: {outside}"
+
+
+def api_caption(server, data: bytes, **params) -> dict:
+    response = httpx.post(server.url + "api/caption", files={"image": ("x.png", data, "image/png")}, params=params, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def upload(page, tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    page.set_input_files("#file-input", str(path))
+
+
+def overlay_state(page) -> dict:
+    return page.evaluate(
+        """() => {
+            const overlay = document.getElementById("overlay");
+            return {hidden: overlay.hidden, ...overlay.dataset, width: overlay.width, height: overlay.height,
+                    active: document.getElementById("caption").dataset.activeIndex ?? null};
+        }"""
+    )
+
+
+def veil_alpha(page, x: float, y: float) -> int:
+    """The overlay's opacity at a point given as fractions of the image (0 = not veiled)."""
+    return page.evaluate(
+        """([x, y]) => {
+            const canvas = document.getElementById("overlay");
+            const px = Math.min(canvas.width - 1, Math.floor(x * canvas.width));
+            const py = Math.min(canvas.height - 1, Math.floor(y * canvas.height));
+            return canvas.getContext("2d").getImageData(px, py, 1, 1).data[3];
+        }""",
+        [x, y],
+    )
+
+
+def test_the_page_captions_an_upload_like_the_api(page, server, tmp_path) -> None:
+    data = noise_png(1)
+    expected = api_caption(server, data, beam_size=3, n_best=3)
+    assert page.input_value("#beam-size") == "3" and page.input_value("#n-best") == "3"
+    assert "browser-test" in page.inner_text("#model-info")
+
+    upload(page, tmp_path, "noise.png", data)
+    page.wait_for_selector("#caption .word")
+    assert page.get_attribute("#caption", "data-caption") == expected["caption"]
+    assert " ".join(page.inner_text("#caption").split()) == expected["caption"]
+    assert page.locator("#caption .word").count() == len(expected["words"])
+    assert page.locator("#n-best-list li").count() == 3
+    assert [" ".join(t.split()) for t in page.locator("#n-best-list li > span:first-child").all_inner_texts()] == [
+        entry["caption"] for entry in expected["n_best"]
+    ]
+    assert page.is_hidden("#error")
+    assert page.is_visible("#preview")
+    assert page.get_attribute("#result", "aria-busy") == "false"
+
+
+def test_hovering_a_word_overlays_its_attention(page, server, tmp_path) -> None:
+    data = noise_png(2)
+    expected = api_caption(server, data)
+    words = expected["words"]
+    assert len(words) >= 2
+    upload(page, tmp_path, "noise.png", data)
+    page.wait_for_selector("#caption .word")
+    assert overlay_state(page)["hidden"] is True
+
+    last = len(words) - 1
+    for index in (0, last):
+        page.hover(f"#caption .word[data-index='{index}']")
+        page.wait_for_function(f"document.getElementById('overlay').dataset.wordIndex === '{index}'")
+        state = overlay_state(page)
+        assert state["hidden"] is False
+        assert state["word"] == words[index] and state["active"] == str(index)
+        assert state["width"] > 0 and state["height"] > 0
+        assert page.get_attribute(f"#caption .word[data-index='{index}']", "class") == "word active"
+
+        # The overlay follows the grid: the most attended cell is the least veiled, the least attended the most.
+        grid = np.asarray(expected["attention"][index])
+        rows, cols = grid.shape
+        peak = np.unravel_index(np.argmax(grid), grid.shape)
+        low = np.unravel_index(np.argmin(grid), grid.shape)
+        assert float(state["peakX"]) == pytest.approx((peak[1] + 0.5) / cols, abs=1e-3)
+        assert float(state["peakY"]) == pytest.approx((peak[0] + 0.5) / rows, abs=1e-3)
+        at_peak = veil_alpha(page, (peak[1] + 0.5) / cols, (peak[0] + 0.5) / rows)
+        at_low = veil_alpha(page, (low[1] + 0.5) / cols, (low[0] + 0.5) / rows)
+        assert at_peak < at_low
+        assert at_low > 100
+    assert "where the model looked" in page.inner_text("#attention-label")
+
+    page.hover("h1")
+    page.wait_for_selector("#overlay", state="hidden")
+    assert overlay_state(page)["active"] is None
+
+
+def test_words_work_from_the_keyboard_and_clicks_pin_them(page, server, tmp_path) -> None:
+    upload(page, tmp_path, "noise.png", noise_png(3))
+    page.wait_for_selector("#caption .word")
+    words = page.locator("#caption .word")
+    assert words.count() >= 2
+
+    words.nth(0).focus()
+    assert overlay_state(page)["wordIndex"] == "0"
+    page.keyboard.press("ArrowRight")
+    assert overlay_state(page)["wordIndex"] == "1"
+    assert page.evaluate("document.activeElement.dataset.index") == "1"
+    page.keyboard.press("Escape")
+    assert overlay_state(page)["hidden"] is True
+
+    words.nth(1).click()
+    assert words.nth(1).get_attribute("aria-pressed") == "true"
+    page.mouse.move(5, 5)
+    page.evaluate("document.activeElement.blur()")
+    assert overlay_state(page)["wordIndex"] == "1"  # pinned: stays after the pointer and focus leave
+    words.nth(1).click()
+    assert words.nth(1).get_attribute("aria-pressed") == "false"
+
+
+def test_errors_are_shown_and_the_next_upload_works(page, server, tmp_path) -> None:
+    upload(page, tmp_path, "notes.txt", b"this is not a picture\n")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not an image" in page.inner_text("#error")
+    assert page.get_attribute("#error", "role") == "alert"
+
+    upload(page, tmp_path, "good.png", noise_png(4))
+    page.wait_for_selector("#caption .word")
+    assert page.is_hidden("#error")
+
+
+def test_a_bad_setting_shows_the_servers_message(page, server, tmp_path) -> None:
+    page.fill("#n-best", "50")
+    upload(page, tmp_path, "good.png", noise_png(5))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "n_best" in page.inner_text("#error")
+    page.fill("#n-best", "2")
+    page.dispatch_event("#n-best", "change")  # changing a setting captions the same image again
+    page.wait_for_selector("#caption .word")
+    assert page.locator("#n-best-list li").count() == 2
+
+
+def test_dropping_an_image_captions_it(page, server) -> None:
+    data = noise_png(6)
+    expected = api_caption(server, data)
+    transfer = page.evaluate_handle(
+        """(encoded) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            return transfer;
+        }""",
+        base64.b64encode(data).decode(),
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#caption .word")
+    assert page.get_attribute("#caption", "data-caption") == expected["caption"]
+
+
+def test_the_file_picker_is_the_first_thing_keyboard_focus_reaches(page) -> None:
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "file-input"
+    assert page.evaluate("document.activeElement.labels.length") == 1
+    for control in ("#beam-size", "#n-best"):
+        assert page.evaluate(f"document.querySelector('{control}').labels.length") == 1
+
+
+def test_the_overlay_holds_steady_under_the_pointer_on_a_narrow_screen(page, server, tmp_path) -> None:
+    # Showing a word's attention must not move the words (which would flicker hover on and off).
+    page.set_viewport_size({"width": 400, "height": 900})
+    upload(page, tmp_path, "noise.png", noise_png(2))
+    page.wait_for_selector("#caption .word")
+    page.hover("#caption .word >> nth=0")
+    box = page.locator("#caption .word").first.bounding_box()  # after hover scrolled it into view
+    samples = []
+    for _ in range(10):
+        page.wait_for_timeout(30)
+        samples.append(overlay_state(page)["hidden"])
+    assert samples == [False] * 10
+    assert page.locator("#caption .word").first.bounding_box() == box
