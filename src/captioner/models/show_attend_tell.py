@@ -10,6 +10,7 @@ c0 = W_c mean(f). Teacher forcing runs only the rows still inside their caption 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.attention import SoftAttention
@@ -50,20 +51,24 @@ class ShowAttendTell(Decoder):
             "projected": self.attention.project(features),  # (B, P, A), once per image
         }
 
-    def _advance(self, embedded: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
-        """embedded (B, E) + state -> logits (B, V), next state, alpha (B, P)."""
+    def _recur(self, embedded: torch.Tensor, state: DecoderState) -> tuple[DecoderState, torch.Tensor, torch.Tensor]:
+        """embedded (B, E) + state -> next state, gated context (B, D), alpha (B, P): one LSTM step."""
         features, projected, h, c = state["features"], state["projected"], state["h"], state["c"]
         context, alpha = self.attention(features, projected, h)  # (B, D), (B, P)
         context = torch.sigmoid(self.gate(h)) * context  # (B, D)
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))  # (B, H) each
+        return {"h": h, "c": c, "features": features, "projected": projected}, context, alpha
+
+    def _logits(self, embedded: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The word distribution from one step's outputs (any leading shape): (..., V)."""
         if self.config.deep_output:
-            logits = self.classifier(self.dropout(embedded + self.out_hidden(h) + self.out_context(context)))  # (B, V)
-        else:
-            logits = self.classifier(self.dropout(h))  # (B, V)
-        return logits, {"h": h, "c": c, "features": features, "projected": projected}, alpha
+            return self.classifier(self.dropout(embedded + self.out_hidden(h) + self.out_context(context)))
+        return self.classifier(self.dropout(h))
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
-        return self._advance(self.embedding(tokens), state)  # tokens (B,)
+        embedded = self.embedding(tokens)  # tokens (B,) -> (B, E)
+        state, context, alpha = self._recur(embedded, state)
+        return self._logits(embedded, state["h"], context), state, alpha  # (B, V)
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
@@ -76,14 +81,32 @@ class ShowAttendTell(Decoder):
         sorted_steps = steps[order].tolist()
         total = sorted_steps[0] if sorted_steps else 0
         batch = captions.shape[0]
-        logits = embedded.new_zeros(batch, total, self.vocab_size)  # (B, T-1, V)
-        alphas = embedded.new_zeros(batch, total, features.shape[1])  # (B, T-1, P)
+        hidden, contexts, alphas = [], [], []
         active = batch
         for t in range(total):
             while active > 0 and sorted_steps[active - 1] <= t:
                 active -= 1  # rows are sorted by length: finished ones drop off the end
             state = {key: value[:active] for key, value in state.items()}
-            step_logits, state, alpha = self._advance(embedded[:active, t], state)
-            logits[:active, t] = step_logits
-            alphas[:active, t] = alpha
-        return logits[inverse], alphas[inverse]
+            state, context, alpha = self._recur(embedded[:active, t], state)
+            hidden.append(state["h"])
+            contexts.append(context)
+            alphas.append(alpha)
+        # The word predictions run once, over the real steps of every caption together (one big
+        # matrix product instead of one per step); padded positions stay zero and are never computed.
+        real = torch.arange(total, device=lengths.device) < steps[order].unsqueeze(1)  # (B, T-1)
+        if total:
+            h = _stack_steps(hidden, batch)[real]  # (real steps, H)
+            context = _stack_steps(contexts, batch)[real] if self.config.deep_output else h  # (real steps, D)
+            packed = self._logits(embedded[:, :total][real], h, context)  # (real steps, V)
+            logits = packed.new_zeros(batch, total, self.vocab_size)  # (B, T-1, V)
+            logits[real] = packed
+            alpha_grid = _stack_steps(alphas, batch)  # (B, T-1, P), zeros past each caption's end
+        else:
+            logits = embedded.new_zeros(batch, 0, self.vocab_size)
+            alpha_grid = embedded.new_zeros(batch, 0, features.shape[1])
+        return logits[inverse], alpha_grid[inverse]
+
+
+def _stack_steps(per_step: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """Per-step outputs of the active (longest-first) rows, (active_t, X) each -> (batch, T, X), zero-padded."""
+    return torch.stack([F.pad(x, (0, 0, 0, batch - x.shape[0])) for x in per_step], dim=1)
