@@ -40,3 +40,16 @@ def test_bad_files(tmp_path):
     bad.write_text("epochs = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config_file(bad)
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(shapes_prepared, tmp_path):
+    import json
+
+    from captioner.training.loop import train
+    from conftest import shapes_train_config
+
+    train(shapes_train_config(shapes_prepared, tmp_path / "bf16", epochs=1, amp="bf16"))
+    record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["train_loss"] < 10 and record["val_CIDEr-D"] > 0
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train(shapes_train_config(shapes_prepared, tmp_path / "fp16", epochs=1, amp="fp16"))

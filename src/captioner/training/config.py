@@ -57,9 +57,14 @@ class TrainConfig:
     scheduled_sampling_increase: float = 0.05  # probability added every scheduled_sampling_every epochs
     scheduled_sampling_every: int = 2
     scheduled_sampling_max: float = 0.25
+    self_critical_start: int = -1  # epoch (0-based) at which self-critical training replaces cross-entropy (-1: never);
+    #                                earlier if cross-entropy runs out of patience. It starts from the best epoch so far.
+    self_critical_lr: float = 5e-5  # decoder learning rate of the self-critical phase
+    self_critical_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
+    self_critical_max_length: int = 16  # most words per sampled caption
     fine_tune_encoder: int = 0  # encoder stages to train (0: frozen, features are cached)
     fine_tune_from_epoch: int = 0  # start fine-tuning the encoder at this epoch
-    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, off on CPU) | off | bf16 (GPU or CPU) | fp16 (GPU)
     nan_policy: str = "skip"  # a non-finite loss: skip the step, or stop the run
     # ----- validation and stopping
     val_beam_size: int = 3  # 1 decodes greedily
@@ -98,6 +103,11 @@ class TrainConfig:
             (self.fine_tune_encoder >= 0, "fine_tune_encoder must be >= 0"),
             (self.image_size is None or self.image_size >= 32, "image_size must be at least 32"),
             (0 <= self.scheduled_sampling_max <= 1, "scheduled_sampling_max must be in [0, 1]"),
+            (self.self_critical_start >= -1, "self_critical_start must be an epoch (0-based), or -1 for never"),
+            (self.self_critical_lr > 0, "self_critical_lr must be positive"),
+            (self.self_critical_samples >= 2, "self_critical_samples must be at least 2 (each sample's baseline is the others' mean)"),
+            (self.self_critical_max_length >= 1, "self_critical_max_length must be at least 1"),
+            (self.self_critical_start < 0 or self.fine_tune_encoder == 0, "self-critical training runs on cached features: it cannot be combined with fine_tune_encoder"),
         ]
         for ok, message in checks:
             if not ok:

@@ -62,6 +62,12 @@ class LearningRateSchedule:
                     self.bad_epochs = 0
         self._apply()
 
+    def restart(self, base_lrs: list[float]) -> None:
+        """Start over from new base rates (a new training phase): no decay, no plateau history."""
+        self.base_lrs = list(base_lrs)
+        self.scale, self.best, self.bad_epochs = 1.0, None, 0
+        self._apply()
+
     @property
     def rates(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
