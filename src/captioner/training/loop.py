@@ -201,7 +201,7 @@ def train_one_epoch(
         if not all_finite:
             if config.nan_policy == "stop":
                 raise TrainingError(
-                    f"the loss became {float(loss):.4g} at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}; "
+                    f"the loss became {float(loss.detach()):.4g} at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}; "
                     f"the last good checkpoint is in {config.out}/last (try a lower learning rate, or --set nan_policy=skip)"
                 )
             state.skipped_steps += 1
@@ -598,6 +598,9 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, dist_info: 
     """Check the run folder; return the checkpoint to resume from, if resuming."""
     last = out / "last"
     if resume:
+        if dist_info.is_main:  # checkpoints a killed process was still writing: never complete, never read
+            for leftover in out.glob(".*.building"):
+                shutil.rmtree(leftover, ignore_errors=True)
         if not (last / STATE_JSON).is_file():
             # a crash between the two renames of a checkpoint swap leaves the previous one as .last.old-PID
             leftovers = sorted(out.glob(".last.old-*"), key=lambda p: p.stat().st_mtime)
