@@ -87,15 +87,18 @@ def read_dataset(
         raise DatasetError(f"unknown format {format!r}; choose from auto, {', '.join(FORMATS)}")
     root = Path(image_root) if image_root is not None else paths[0].parent
     reader = {"karpathy": _read_karpathy, "coco": _read_coco, "flickr8k": _read_flickr8k, "csv": _read_table, "jsonl": _read_table}[format]
+    read_dropped: Counter = Counter()
+    records = [_without_surrogates(record) for record in reader(paths, root, options, read_dropped, format)]
     dropped: Counter = Counter()
-    records = reader(paths, root, options, dropped, format)
+    for reason, count in read_dropped.items():
+        dropped[_repair_text(reason)] += count
     records = _merge_duplicates(records, dropped)
     if not records:
         raise DatasetError(f"no usable captions in {', '.join(map(str, paths))}")
     warnings = []
     repaired = sum("\ufffd" in caption for record in records for caption in record.captions)
     if repaired:
-        warnings.append(f"{repaired} caption(s) held bytes that are not UTF-8; they were replaced and the captions kept")
+        warnings.append(f"{repaired} caption(s) held bytes that are not UTF-8 (or lone surrogate escapes); they were replaced and the captions kept")
     return CaptionDataset(
         records=records, image_root=root, format=format, source=[str(p.resolve()) for p in paths], dropped=dropped, warnings=warnings
     )
@@ -147,13 +150,18 @@ def _read_karpathy(paths: list[Path], root: Path, options: ReadOptions, dropped:
             if not isinstance(entry, dict):
                 raise DatasetError(f"{path}: images[{number}] is not an object")
             filename = _require(entry, "filename", path, f"images[{number}]")
+            if not isinstance(filename, str):
+                raise DatasetError(f"{path}: images[{number}].filename is {_kind(filename)}, not a file name")
+            filepath = entry.get("filepath")
+            if filepath is not None and not isinstance(filepath, str):
+                raise DatasetError(f"{path}: images[{number}].filepath is {_kind(filepath)}, not a folder name")
             raw_split = entry.get("split")
             if raw_split is None:
                 split = options.split or hash_split(filename, options.split_fractions)
             else:
                 split = normalise_split(str(raw_split), restval=options.restval)
                 if split is None:
-                    dropped[f"split '{raw_split}' left out"] += 1
+                    dropped[f"split '{_shown(str(raw_split))}' left out"] += 1
                     continue
             sentences = _require(entry, "sentences", path, f"images[{number}]")
             if not isinstance(sentences, list):
@@ -167,7 +175,7 @@ def _read_karpathy(paths: list[Path], root: Path, options: ReadOptions, dropped:
                 else:
                     text = sentence if isinstance(sentence, str) else None
                 captions.append(text)
-            image = f"{entry['filepath']}/{filename}" if entry.get("filepath") else str(filename)
+            image = f"{filepath}/{filename}" if filepath else filename
             image_id = str(entry.get("cocoid", entry.get("imgid", filename)))
             records.append(CaptionRecord(image=image, captions=_clean_captions(captions, dropped), split=split, image_id=image_id))
     return records
@@ -189,8 +197,10 @@ def _read_coco(paths: list[Path], root: Path, options: ReadOptions, dropped: Cou
         for number, entry in enumerate(data["images"]):
             if not isinstance(entry, dict):
                 raise DatasetError(f"{path}: images[{number}] is not an object")
-            image_id = _require(entry, "id", path, f"images[{number}]")
+            image_id = _id(_require(entry, "id", path, f"images[{number}]"), path, f"images[{number}].id")
             file_name = _require(entry, "file_name", path, f"images[{number}]")
+            if not isinstance(file_name, str):
+                raise DatasetError(f"{path}: images[{number}].file_name is {_kind(file_name)}, not a file name")
             if image_id in names:
                 dropped["duplicate image id"] += 1
                 continue
@@ -199,7 +209,7 @@ def _read_coco(paths: list[Path], root: Path, options: ReadOptions, dropped: Cou
         for number, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict):
                 raise DatasetError(f"{path}: annotations[{number}] is not an object")
-            image_id = _require(annotation, "image_id", path, f"annotations[{number}]")
+            image_id = _id(_require(annotation, "image_id", path, f"annotations[{number}]"), path, f"annotations[{number}].image_id")
             if image_id not in captions:
                 dropped["caption of an unknown image id"] += 1
                 continue
@@ -248,7 +258,7 @@ def _read_table(paths: list[Path], root: Path, options: ReadOptions, dropped: Co
     for image, texts, raw_split in rows:
         captions, first_split = grouped.setdefault(image, ([], raw_split))
         if raw_split is not None and first_split is not None and raw_split.strip().lower() != first_split.strip().lower():
-            raise DatasetError(f"image {image} is listed in two splits ({first_split} and {raw_split})")
+            raise DatasetError(f"image {_shown(image)} is listed in two splits ({_shown(first_split)} and {_shown(raw_split)})")
         if first_split is None and raw_split is not None:
             grouped[image] = (captions, raw_split)
         captions.extend(texts)
@@ -257,7 +267,7 @@ def _read_table(paths: list[Path], root: Path, options: ReadOptions, dropped: Co
         if raw_split is not None and raw_split.strip():
             split = normalise_split(raw_split, restval=options.restval)
             if split is None:
-                dropped[f"split '{raw_split}' left out"] += 1
+                dropped[f"split '{_shown(str(raw_split))}' left out"] += 1
                 continue
         elif split_of:
             split = split_of.get(image) or split_of.get(Path(image).name)
@@ -300,10 +310,7 @@ def _jsonl_rows(path: Path) -> list[tuple[str, list, str | None]]:
     for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        entry = _parse_json(line, path, line_number)
         if not isinstance(entry, dict):
             raise DatasetError(f"{path}:{line_number}: expected a JSON object")
         image_key = next((k for k in IMAGE_COLUMNS if k in entry), None)
@@ -316,8 +323,11 @@ def _jsonl_rows(path: Path) -> list[tuple[str, list, str | None]]:
             if caption_key is None:
                 raise DatasetError(f"{path}:{line_number}: no caption field ('caption' or a 'captions' list)")
             texts = [entry[caption_key]]
+        image = entry[image_key]
+        if isinstance(image, bool) or not isinstance(image, (str, int)):
+            raise DatasetError(f"{path}:{line_number}: {image_key} is {_kind(image)}, not a file name")
         split = next((entry[k] for k in SPLIT_COLUMNS if k in entry), None)
-        rows.append((str(entry[image_key]).strip(), texts, None if split is None else str(split)))
+        rows.append((str(image).strip(), texts, None if split is None else str(split)))
     return rows
 
 
@@ -383,7 +393,7 @@ def _column(header: list[str], names: tuple[str, ...], path: Path, what: str) ->
     for name in names:
         if name in header:
             return header.index(name)
-    raise DatasetError(f"{path}: no {what} column in the header (expected one of {', '.join(names)}; found {', '.join(header)})")
+    raise DatasetError(f"{path}: no {what} column in the header (expected one of {', '.join(names)}; found {_shown(', '.join(header))})")
 
 
 def _require(entry: dict, key: str, path: Path, where: str) -> Any:
@@ -410,7 +420,53 @@ def _load_json(path: Path) -> Any:
     text = _read_text(path)
     if not text.strip():
         raise DatasetError(f"{path} is empty")
+    return _parse_json(text, path)
+
+
+def _parse_json(text: str, path: Path, line_number: int | None = None) -> Any:
+    """``json.loads`` of a whole file (or of one line of it), with every way that can fail as a DatasetError."""
+    where = f"{path}:{line_number}: not valid JSON" if line_number is not None else f"{path} is not valid JSON"
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise DatasetError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        if line_number is not None:
+            raise DatasetError(f"{where} ({error.msg})") from None
+        raise DatasetError(f"{where}: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+        raise DatasetError(f"{where} (nested too deeply)") from None
+    except ValueError as error:  # a number over Python's 4300-digit limit for int()
+        raise DatasetError(f"{where} ({str(error).split(';')[0]})") from None
+
+
+def _id(value: Any, path: Path, where: str) -> str | int | float:
+    """A COCO id: a number or a string (anything else cannot be matched up)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(f"{path}: {where} is {_kind(value)}, not a number or a string")
+    return value
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """Text from the file as it may appear in a one-line message: whitespace runs (newlines too) as one space, shortened."""
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in _repair_text(text)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in a word or two, for messages."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repair_text(text: str) -> str:
+    """Lone surrogates (from JSON escapes such as "\\ud800") -> U+FFFD: they cannot be printed or saved as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _without_surrogates(record: CaptionRecord) -> CaptionRecord:
+    record.image = _repair_text(record.image)
+    record.image_id = _repair_text(record.image_id)
+    record.captions = [_repair_text(caption) for caption in record.captions]
+    return record

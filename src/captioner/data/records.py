@@ -73,7 +73,7 @@ def normalise_split(name: str, *, restval: str = "train") -> str | None:
 
 def hash_split(image: str, fractions: tuple[float, float, float]) -> str:
     """A deterministic split for an image name: same name, same split, on every machine and run."""
-    digest = hashlib.sha1(image.encode("utf-8")).digest()
+    digest = hashlib.sha1(image.encode("utf-8", "surrogatepass")).digest()  # JSON escapes can give lone surrogates
     position = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
     train, val, _ = fractions
     if position < train:

@@ -119,13 +119,21 @@ class Vocabulary:
     def from_dict(cls, data: dict, *, source: str = "vocabulary") -> "Vocabulary":
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise DatasetError(f"{source}: not a captioner vocabulary (no 'words' list)")
-        if data.get("format", VOCAB_FORMAT) > VOCAB_FORMAT:
+        version = data.get("format", VOCAB_FORMAT)
+        if not _is_count(version):
+            raise DatasetError(f"{source}: vocabulary format must be a whole number of at least 1, not {_shown(version)}")
+        if version > VOCAB_FORMAT:
             raise DatasetError(
-                f"{source}: vocabulary format {data['format']} is newer than this captioner understands ({VOCAB_FORMAT}); upgrade captioner"
+                f"{source}: vocabulary format {version} is newer than this captioner understands ({VOCAB_FORMAT}); upgrade captioner"
             )
         if not all(isinstance(word, str) for word in data["words"]):
             raise DatasetError(f"{source}: vocabulary words must all be strings")
-        return cls(list(data["words"]), min_word_freq=int(data.get("min_word_freq", 1)), max_length=data.get("max_length"))
+        min_word_freq, max_length = data.get("min_word_freq", 1), data.get("max_length")
+        if not _is_count(min_word_freq):
+            raise DatasetError(f"{source}: min_word_freq must be a whole number of at least 1, not {_shown(min_word_freq)}")
+        if max_length is not None and not _is_count(max_length):
+            raise DatasetError(f"{source}: max_length must be null or a whole number of at least 1, not {_shown(max_length)}")
+        return cls(list(data["words"]), min_word_freq=min_word_freq, max_length=max_length)
 
     def save(self, path: str | Path) -> None:
         from captioner.atomic import write_text_atomic
@@ -139,6 +147,23 @@ class Vocabulary:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DatasetError(f"no vocabulary at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DatasetError(f"{path} is not valid JSON: {error}") from None
+        except OSError as error:  # a folder, no permission, ...
+            raise DatasetError(f"cannot read vocabulary {path}: {error.strerror or error}") from None
+        except RecursionError:
+            raise DatasetError(f"{path} is not usable JSON: nested too deeply") from None
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a number over int's 4300-digit limit
+            raise DatasetError(f"{path} is not valid JSON: {str(error).split(';')[0]}") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _is_count(value: object) -> bool:
+    """A whole number of at least 1 (JSON true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _shown(value: object) -> str:
+    """A JSON value in a message: short, on one line."""
+    if isinstance(value, (str, int, float)) or value is None:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return "a list" if isinstance(value, list) else "an object"
