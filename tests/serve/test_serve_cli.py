@@ -81,6 +81,9 @@ def test_a_corrupt_checkpoint_is_one_line_before_binding(tmp_path, capsys, no_bi
         (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
         (["--max-upload-mb", "0"], "--max-upload-mb"),
         (["--port", "70000"], "--port"),
+        (["--body-timeout-s", "0"], "--body-timeout-s"),
+        (["--header-timeout-s", "-1"], "--header-timeout-s"),
+        (["--max-connections", "0"], "--max-connections"),
     ],
 )
 def test_bad_options_are_refused_before_loading(checkpoint, capsys, no_binding, option, fragment) -> None:

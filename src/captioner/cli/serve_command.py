@@ -2,6 +2,9 @@
 
 The model is loaded once, before the port is bound (a bad checkpoint is a one-line error and
 nothing listens). Requests that arrive together are captioned together, as one batch.
+
+Slow and numerous clients are bounded by ``--header-timeout-s``, ``--body-timeout-s`` (408) and
+``--max-connections`` (503); see :mod:`captioner.serve.server` and :mod:`captioner.serve.middleware`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "                      optional beam_size, n_best (query or form). Answers JSON: caption, words,\n"
             "                      score, log_prob, n_best, width, height, attention (per word h x w) ...\n"
             "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/api/caption?n_best=3'\n"
-            "Errors are JSON {\"error\": \"...\"}: 413 too large, 415 not an image, 422 bad image or parameter."
+            "Errors are JSON {\"error\": \"...\"}: 400 malformed, 408 too slow, 413 too large, 415 not an image,\n"
+            "422 bad image or parameter, 503 busy (too many connections or queued requests).\n"
+            "\n"
+            "slow and numerous clients:\n"
+            "  a request's headers must arrive within --header-timeout-s (default 10) of the connection\n"
+            "  opening or of the previous answer, and its body within --body-timeout-s (default 30) of\n"
+            "  its headers; otherwise it is answered 408 and the connection closed (a connection that\n"
+            "  sends nothing is just closed). At most --max-connections (default 64) connections are\n"
+            "  served at once, idle ones included; a request on one more is answered 503 (Retry-After: 1).\n"
+            "  Between requests, an idle connection is closed after 5 s."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,6 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="most images captioned together (default 16)")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a request waits for others to batch with (default 20; 0 adds no wait, and batches still form while the model is busy)")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB", help="largest upload accepted, in MB (default 10)")
+    parser.add_argument("--body-timeout-s", type=float, default=30.0, metavar="S", help="time a request's whole body may take to arrive, from its headers (default 30; 408 after it; raise it for large uploads over slow links)")
+    parser.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S", help="time a request's headers may take to arrive (default 10; 408 after it)")
+    parser.add_argument("--max-connections", type=int, default=64, metavar="N", help="connections served at once, idle ones included (default 64; 503 beyond it)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -84,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         max_upload_mb=args.max_upload_mb,
+        body_timeout_s=args.body_timeout_s,
+        header_timeout_s=args.header_timeout_s,
+        max_connections=args.max_connections,
     )
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be from 0 to 65535, not {args.port}")
@@ -110,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PREFIX}: press Ctrl+C to stop", flush=True)
 
     log_level = "info" if args.access_log and args.log_level in ("critical", "error", "warning") else args.log_level
-    server = AnnouncingServer(uvicorn_config(app, log_level=log_level, access_log=args.access_log), on_started=announce)
+    server = AnnouncingServer(uvicorn_config(app, serve_config=config, log_level=log_level, access_log=args.access_log), on_started=announce)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

@@ -7,7 +7,8 @@
 ...     print(server.url)
 
 Modules: ``config`` (settings), ``batching`` (the dynamic batcher), ``captioning`` (uploads, the model
-runner, the JSON answer), ``middleware`` (the request body limit, internal errors as JSON), ``app`` (routes), ``server`` (uvicorn),
+runner, the JSON answer), ``middleware`` (the request body's size and time limits, internal errors as
+JSON), ``app`` (routes), ``server`` (uvicorn, with a header deadline and a connection limit),
 ``static/`` (the page). The web parts need FastAPI, uvicorn and python-multipart; they are imported
 on first use, so ``captioner.serve.config`` and ``captioner.serve.batching`` work without them.
 """

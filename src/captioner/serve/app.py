@@ -6,6 +6,10 @@ for the :class:`~captioner.serve.batching.DynamicBatcher`, whose single thread r
 batches of requests with equal decoding settings. Every error is a JSON ``{"error": "..."}`` with a
 4xx/5xx status; the server never answers with a traceback page.
 
+Slow clients: the request body must arrive within ``ServeConfig.body_timeout_s`` of its headers
+(408 and the connection closed otherwise; see :mod:`captioner.serve.middleware`). Slow headers,
+idle connections and the number of connections are bounded by the server (:mod:`captioner.serve.server`).
+
 Routes:
 
 ``GET /``
@@ -45,7 +49,7 @@ from captioner.errors import ImageLoadError
 from captioner.serve.batching import BatcherBusy, BatcherClosed, DynamicBatcher
 from captioner.serve.captioning import ModelRunner, PreparedImage, caption_json, prepare_upload
 from captioner.serve.config import MAX_BEAM_SIZE, MAX_N_BEST, DecodeSettings, ServeConfig
-from captioner.serve.middleware import BodySizeLimit, InternalErrorsAsJson, UploadTooLarge
+from captioner.serve.middleware import BodySizeLimit, InternalErrorsAsJson, UploadTimedOut, UploadTooLarge
 
 if TYPE_CHECKING:
     from captioner.models.captioner import Captioner, CaptionResult
@@ -106,7 +110,7 @@ def create_app(model: "Captioner", config: ServeConfig | None = None, *, model_n
     app.state.config = config
     app.state.model = model
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, limit_bytes=config.max_body_bytes, described_limit=config.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, limit_bytes=config.max_body_bytes, described_limit=config.max_upload_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(InternalErrorsAsJson)  # added last: the outermost, so it sees every failure
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -179,6 +183,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def too_large(request: Request, error: UploadTooLarge) -> Response:
         # The rest of the body is not read: close the connection rather than drain it.
         return error_response(413, str(error), {"Connection": "close"})
+
+    @app.exception_handler(UploadTimedOut)
+    async def too_slow(request: Request, error: UploadTimedOut) -> Response:
+        # The client is still holding the rest of the body back: do not wait for it.
+        return error_response(408, str(error), {"Connection": "close"})
 
     @app.exception_handler(ClientDisconnect)
     async def disconnected(request: Request, error: ClientDisconnect) -> Response:

@@ -1,4 +1,10 @@
-"""What ``captioner serve`` can be asked for: server-wide settings and the per-request decoding settings."""
+"""What ``captioner serve`` can be asked for: server-wide settings and the per-request decoding settings.
+
+Besides decoding and batching, :class:`ServeConfig` bounds what one client can hold on to:
+``max_upload_mb`` (the body size, 413), ``body_timeout_s`` (the time to send the whole body, 408),
+``header_timeout_s`` (the time to send a request's headers, 408, or the connection is just closed
+when nothing was sent) and ``max_connections`` (connections open at once, 503 beyond it).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ class ServeConfig:
     batch_wait_ms: float = 20.0  # how long the first request of a batch waits for others
     max_upload_mb: float = 10.0  # largest upload accepted, in MB (10**6 bytes)
     max_pending: int = 256  # requests waiting for the model beyond this are refused (503)
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this, from its headers (408)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this, from the connection or the last answer
+    max_connections: int = 64  # connections open at once (idle and slow ones too); a request on one more gets 503
 
     def __post_init__(self) -> None:
         self.check()
@@ -54,6 +63,12 @@ class ServeConfig:
             raise ConfigError(f"--max-upload-mb must be above 0 and at most 1000, not {self.max_upload_mb:g}")
         if self.max_pending < 1:
             raise ConfigError(f"max_pending must be at least 1, not {self.max_pending}")
+        if not 0 < self.body_timeout_s <= 3600:
+            raise ConfigError(f"--body-timeout-s must be above 0 and at most 3600, not {self.body_timeout_s:g}")
+        if not 0 < self.header_timeout_s <= 3600:
+            raise ConfigError(f"--header-timeout-s must be above 0 and at most 3600, not {self.header_timeout_s:g}")
+        if not 1 <= self.max_connections <= 100_000:
+            raise ConfigError(f"--max-connections must be between 1 and 100000, not {self.max_connections}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -74,4 +89,7 @@ class ServeConfig:
             "max_n_best": MAX_N_BEST,
             "max_upload_mb": self.max_upload_mb,
             "max_upload_bytes": self.max_upload_bytes,
+            "body_timeout_s": self.body_timeout_s,
+            "header_timeout_s": self.header_timeout_s,
+            "max_connections": self.max_connections,
         }

@@ -1,16 +1,25 @@
-"""ASGI middleware: the request body limit, and internal errors as JSON.
+"""ASGI middleware: the request body limits (size and time), and internal errors as JSON.
 
 :class:`BodySizeLimit` refuses large uploads without reading them. A declared ``Content-Length`` over the limit is answered with 413 at once, before any of the body
 is read, and the connection is closed (so the server does not read the rest either). Bodies without
 a length (chunked uploads), or longer than declared, are counted as they are read: the moment the
 count passes the limit, :class:`UploadTooLarge` is raised inside the application, which answers 413.
+
+It also bounds the time a body may take (slowloris-style uploads that trickle in, or stall half-way):
+the whole body must have arrived ``timeout_s`` after the request's headers. Each read of the body
+waits only for what is left of that deadline; when it passes, :class:`UploadTimedOut` is raised
+inside the application, which answers 408 with ``Connection: close``. Reads after the body is
+complete (waiting for a disconnect) are not timed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Awaitable, Callable, MutableMapping
+
+import anyio
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -29,6 +38,14 @@ class UploadTooLarge(Exception):
         super().__init__(message or f"the upload is too large: the limit is {describe_size(limit_bytes)}")
 
 
+class UploadTimedOut(Exception):
+    """The request body did not arrive within the server's body deadline."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"the upload took too long: the whole request must arrive within {timeout_s:g} s")
+
+
 def describe_size(size: int) -> str:
     """Bytes for people: '10 MB', '0.2 MB', '5 kB', '900 bytes' (powers of 1000, like ``--max-upload-mb``)."""
     if size >= 100_000:
@@ -38,27 +55,30 @@ def describe_size(size: int) -> str:
     return f"{size} bytes"
 
 
-async def send_json_error(send: Send, status: int, message: str, *, close: bool = False) -> None:
-    """Answer with ``{"error": message}`` directly at the ASGI level."""
+async def send_json_error(send: Send, status: int, message: str, *, close: bool = False, headers: dict[str, str] | None = None) -> None:
+    """Answer with ``{"error": message}`` directly at the ASGI level (``headers``: extra ones)."""
     body = json.dumps({"error": message}).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers_out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers_out += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
     if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        headers_out.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers_out})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodySizeLimit:
-    """Wraps an ASGI app so no request body over ``limit_bytes`` is read.
+    """Wraps an ASGI app so no request body over ``limit_bytes`` is read, nor read for over ``timeout_s``.
 
     ``describe`` is the limit people are told about (the file limit, which is a little smaller than
-    the body limit: the multipart framing around the file is allowed for).
+    the body limit: the multipart framing around the file is allowed for). ``timeout_s`` (None: no
+    limit) is counted from the moment the request's headers were read to the body's last byte.
     """
 
-    def __init__(self, app: ASGIApp, limit_bytes: int, *, described_limit: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, limit_bytes: int, *, described_limit: int | None = None, timeout_s: float | None = None) -> None:
         self.app = app
         self.limit_bytes = limit_bytes
         self.described_limit = described_limit if described_limit is not None else limit_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,19 +93,47 @@ class BodySizeLimit:
             return
 
         received = 0
+        complete = False
         limit = self.limit_bytes
         described = self.described_limit
+        timeout_s = self.timeout_s
+        deadline = anyio.current_time() + timeout_s if timeout_s is not None else math.inf
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete or timeout_s is None:  # complete: what is left to wait for is a disconnect
+                message = await receive()
+            else:
+                try:
+                    with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                        message = await receive()
+                except TimeoutError:
+                    raise UploadTimedOut(timeout_s) from None
+            if complete:
+                return message
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise UploadTooLarge(described)
+                complete = not message.get("more_body", False)
+            else:
+                complete = True  # http.disconnect: nothing more will come
             return message
 
-        await self.app(scope, counting_receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except UploadTimedOut as error:  # the app normally answers it; this is for apps that do not
+            if started:
+                raise
+            await send_json_error(send, 408, str(error), close=True)
 
 
 def _content_length(scope: Scope) -> int | None:
