@@ -66,6 +66,19 @@ async def send_json_error(send: Send, status: int, message: str, *, close: bool 
     await send({"type": "http.response.body", "body": body})
 
 
+class TrackingSend:
+    """Wraps ``send``; ``started`` tells whether the response has begun (then it is too late for an error answer)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class BodySizeLimit:
     """Wraps an ASGI app so no request body over ``limit_bytes`` is read, nor read for over ``timeout_s``.
 
@@ -120,18 +133,11 @@ class BodySizeLimit:
                 complete = True  # http.disconnect: nothing more will come
             return message
 
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracking = TrackingSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracking)
         except UploadTimedOut as error:  # the app normally answers it; this is for apps that do not
-            if started:
+            if tracking.started:
                 raise
             await send_json_error(send, 408, str(error), close=True)
 
@@ -162,19 +168,12 @@ class InternalErrorsAsJson:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracking = TrackingSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracking)
         except Exception as error:
             logger.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
+            if tracking.started:
                 raise  # too late for a clean answer: let the server drop the connection
             detail = " ".join(str(error).split())
             await send_json_error(send, 500, f"internal error: {type(error).__name__}: {detail}" if detail else f"internal error: {type(error).__name__}")
