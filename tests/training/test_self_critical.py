@@ -14,10 +14,12 @@ WORDS = ("a", "red", "blue", "circle", "square", "and")
 
 
 def teacher_forced_log_probs(model, features, tokens, finished):
+    """The model's teacher-forced log-probabilities of a caption, over the words that may be sampled."""
     vocab = model.vocab
     ids = [vocab.start_id, *tokens] + ([vocab.end_id] if finished else [])
     with torch.no_grad():
         logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+    logits[0][:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = -math.inf  # never sampled: not in the policy
     log_probs = torch.log_softmax(logits[0], dim=-1)
     return [float(log_probs[t, ids[t + 1]]) for t in range(len(ids) - 1)]
 

@@ -52,11 +52,14 @@ def sample_with_log_probs(
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """Sample ``samples`` captions per image, keeping the graph of their log-probabilities.
 
+    The ``blocked`` words are never sampled, and log-probabilities are those of the distribution
+    renormalised without them (the policy that is actually sampled from).
     features (B, P, D) -> (captions as word-id lists without <end>, log-probabilities (B*k, T) of every
     sampled token <end> included, mask (B*k, T) of the real ones). Rows stop being computed once they
     have sampled <end>; captions that never do stop at ``max_length`` words.
     """
     state = repeat_state(decoder.init_state(features), samples)  # (B*k, ...), image work done once
+    blocked_ids = torch.tensor(sorted(set(blocked)), dtype=torch.long, device=features.device)
     rows = features.shape[0] * samples
     alive = torch.arange(rows, device=features.device)  # rows still writing
     tokens = torch.full((rows,), start_id, dtype=torch.long, device=features.device)
@@ -65,13 +68,13 @@ def sample_with_log_probs(
     step_rows: list[torch.Tensor] = []
     for t in range(max_length + 1):
         logits, state, _ = decoder.step(tokens, state)  # (alive, V)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        masked = log_probs.detach().clone()
-        masked[:, list(blocked)] = -torch.inf  # <pad>, <start>, <unk> are never sampled
+        # The policy is the model's distribution over the words that may be written (<pad>, <start> and
+        # <unk> never are): its log-probabilities, renormalised without them, are what REINFORCE needs.
+        log_probs = torch.log_softmax(logits.float().index_fill(1, blocked_ids, -torch.inf), dim=-1)  # (alive, V)
         if t == max_length:
             chosen = torch.full_like(tokens, end_id)  # out of room: the caption ends here (not scored)
         else:
-            chosen = torch.multinomial(masked.exp(), 1).squeeze(1)  # (alive,)
+            chosen = torch.multinomial(log_probs.detach().exp(), 1).squeeze(1)  # (alive,)
         if t < max_length:
             step_log_probs.append(log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1))
             step_rows.append(alive)
