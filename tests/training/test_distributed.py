@@ -1,4 +1,5 @@
-"""The same train command under torchrun: 2 processes on CPU (gloo), checkpoints from rank 0 only."""
+"""The same train command under torchrun: 2 processes on CPU (gloo), checkpoints from rank 0 only,
+resumed across the switch to self-critical training."""
 
 import json
 import subprocess
@@ -19,6 +20,7 @@ def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
         "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "16", "--quiet",
         "--set", "decoder.hidden_dim=128", "--set", "decoder.embed_dim=64", "--set", "decoder.attention_dim=64",
         "--set", "decoder_lr=3e-3", "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=3",
+        "--set", "self_critical_start=2", "--set", "self_critical_lr=5e-4",  # epochs 3-4: self-critical, under DDP too
     ]
     result = torchrun(*settings, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,4 +33,5 @@ def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert ["train_reward" in r for r in records] == [False, False, True, True]
     assert records[-1]["val_CIDEr-D"] > records[0]["val_CIDEr-D"]
