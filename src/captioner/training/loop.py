@@ -682,6 +682,11 @@ def _plot_curves(out: Path, history: list[dict[str, Any]]) -> None:
     left.legend()
     right.plot(epochs, [r.get("val_BLEU-4", math.nan) for r in history], "o-", label="val BLEU-4")
     right.plot(epochs, [r.get("val_CIDEr-D", math.nan) for r in history], "o-", label="val CIDEr-D")
+    if any("train_reward" in r for r in history):  # the self-critical phase: its reward on the same 0-100 scale
+        right.plot(epochs, [100 * r.get("train_reward", math.nan) for r in history], "o--", label="train reward (sampled CIDEr-D)")
+        start = next(r["epoch"] for r in history if "train_reward" in r)
+        for axes in (left, right):
+            axes.axvline(start - 0.5, color="grey", linestyle=":", linewidth=1)
     right.set_xlabel("epoch")
     right.legend()
     figure.tight_layout()
