@@ -96,3 +96,14 @@ def test_self_critical_phase_raises_the_reward_and_resumes_exactly(shapes_prepar
     resumed = load_file(str(tmp_path / "broken" / "last" / "model.safetensors"))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_non_finite_scores_give_a_non_finite_loss_for_the_nan_policy_not_a_sampling_crash():
+    model = make_model("attention", words=WORDS, seed=1, scale=2.0)
+    vocab = model.vocab
+    rewards = CaptionRewards([[[vocab.index["a"], vocab.index["red"]]]])
+    features = torch.randn(1, 5, model.decoder.feature_dim, generator=torch.Generator().manual_seed(2)).abs()
+    with torch.no_grad():
+        model.decoder.classifier.bias[vocab.index["red"]] = float("nan")  # what a diverged model does
+    loss, reward = self_critical_loss(model.decoder, features, [0], rewards, vocab, samples=3, max_length=5)
+    assert not torch.isfinite(loss) and not torch.isfinite(reward)  # the loop skips or stops on this

@@ -248,9 +248,10 @@ class BackgroundServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._sock: socket.socket | None = None
 
     def __enter__(self) -> "BackgroundServer":
-        sock = bind_socket(self.host, self.port)
+        sock = self._sock = bind_socket(self.host, self.port)
         self.url = socket_url(sock)
         server = uvicorn.Server(uvicorn_config(self.app, configure_logging=False))
         self._server = server
@@ -276,5 +277,8 @@ class BackgroundServer:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._sock is not None:
+            self._sock.close()  # uvicorn closes it when it ran; not when it failed before taking it over
         self._server = None
         self._thread = None
+        self._sock = None

@@ -224,7 +224,8 @@ def train_one_epoch(
             for key in sums:
                 sums[key] += float(outputs[key].detach())
             count += 1
-        captions_seen += len(captions)
+        # captions the step learnt from: the references, or in self-critical steps the sampled ones
+        captions_seen += len(batch.positions) * config.self_critical_samples if self_critical else len(captions)
         state.step_in_epoch += 1
         state.global_step += 1
         elapsed = time.perf_counter() - start
@@ -573,13 +574,14 @@ def _start_self_critical(model: Captioner, out: Path, config: TrainConfig, state
     """Switch to self-critical training: from the best cross-entropy epoch's weights, a fresh optimiser
     at ``self_critical_lr``, the schedule and the patience counter restarted."""
     best = out / "best"
+    source = "the current weights"
     if (best / "model.safetensors").is_file():
         model.decoder.load_state_dict(Captioner.load(best, device=model.device).decoder.state_dict())
+        source = f"epoch {state.best_epoch + 1}'s weights" if state.best_epoch >= 0 else f"the weights in {best}"
     optimizer.state.clear()  # Adam's moments belong to the other loss
-    schedule.restart([config.self_critical_lr] * len(optimizer.param_groups))
+    schedule.restart([config.self_critical_lr] * len(optimizer.param_groups), state.epoch)
     state.self_critical = True
     state.epochs_without_improvement = 0
-    source = f"epoch {state.best_epoch + 1}'s weights" if state.best_epoch >= 0 else "the current weights"
     log(f"self-critical training from epoch {state.epoch + 1} on, starting from {source}, learning rate {config.self_critical_lr:g}")
 
 

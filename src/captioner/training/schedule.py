@@ -34,6 +34,7 @@ class LearningRateSchedule:
         self.best: float | None = None
         self.bad_epochs = 0
         self.steps = 0
+        self.phase_start = 0  # the epoch the current phase (cross-entropy, then self-critical) began
         self._apply()
 
     def _apply(self) -> None:
@@ -48,10 +49,11 @@ class LearningRateSchedule:
 
     def after_epoch(self, epoch: int, metric: float | None = None) -> None:
         """Call after epoch ``epoch`` (0-based) with the validation metric (higher is better)."""
+        done, length = epoch + 1 - self.phase_start, max(self.total_epochs - self.phase_start, 1)  # epochs of this phase
         if self.kind == "step":
-            self.scale = self.gamma ** ((epoch + 1) // self.step_epochs)
+            self.scale = self.gamma ** (done // self.step_epochs)
         elif self.kind == "cosine":
-            self.scale = 0.5 * (1 + math.cos(math.pi * min(epoch + 1, self.total_epochs) / self.total_epochs))
+            self.scale = 0.5 * (1 + math.cos(math.pi * min(done, length) / length))
         elif self.kind == "plateau" and metric is not None:
             if self.best is None or metric > self.best:
                 self.best, self.bad_epochs = metric, 0
@@ -62,10 +64,11 @@ class LearningRateSchedule:
                     self.bad_epochs = 0
         self._apply()
 
-    def restart(self, base_lrs: list[float]) -> None:
-        """Start over from new base rates (a new training phase): no decay, no plateau history."""
+    def restart(self, base_lrs: list[float], epoch: int) -> None:
+        """Start a new training phase at ``epoch`` (0-based) from new base rates: step decay and the
+        cosine curve count from there, no plateau history."""
         self.base_lrs = list(base_lrs)
-        self.scale, self.best, self.bad_epochs = 1.0, None, 0
+        self.scale, self.best, self.bad_epochs, self.phase_start = 1.0, None, 0, epoch
         self._apply()
 
     @property
@@ -73,9 +76,10 @@ class LearningRateSchedule:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs, "steps": self.steps, "base_lrs": self.base_lrs}
+        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs, "steps": self.steps, "base_lrs": self.base_lrs, "phase_start": self.phase_start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.bad_epochs, self.steps = state["scale"], state["best"], state["bad_epochs"], state["steps"]
         self.base_lrs = list(state["base_lrs"])
+        self.phase_start = state.get("phase_start", 0)
         self._apply()

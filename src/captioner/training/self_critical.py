@@ -47,6 +47,10 @@ class CaptionRewards:
         return torch.tensor(rewards, dtype=torch.float32)
 
 
+class NonFiniteLogits(Exception):
+    """The decoder produced NaN or infinite scores while sampling."""
+
+
 def sample_with_log_probs(
     decoder: Decoder, features: torch.Tensor, samples: int, max_length: int, start_id: int, end_id: int, blocked: Sequence[int]
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
@@ -68,6 +72,8 @@ def sample_with_log_probs(
     step_rows: list[torch.Tensor] = []
     for t in range(max_length + 1):
         logits, state, _ = decoder.step(tokens, state)  # (alive, V)
+        if not bool(torch.isfinite(logits.detach()).all()):
+            raise NonFiniteLogits  # nothing to sample from; the training loop applies its nan_policy
         # The policy is the model's distribution over the words that may be written (<pad>, <start> and
         # <unk> never are): its log-probabilities, renormalised without them, are what REINFORCE needs.
         log_probs = torch.log_softmax(logits.float().index_fill(1, blocked_ids, -torch.inf), dim=-1)  # (alive, V)
@@ -106,7 +112,11 @@ def self_critical_loss(
     if samples < 2:
         raise ValueError("self-critical training needs at least 2 samples per image (the baseline is the others' mean)")
     blocked = [vocab.pad_id, vocab.start_id, vocab.unk_id]
-    captions, log_probs, mask = sample_with_log_probs(decoder, features, samples, max_length, vocab.start_id, vocab.end_id, blocked)
+    try:
+        captions, log_probs, mask = sample_with_log_probs(decoder, features, samples, max_length, vocab.start_id, vocab.end_id, blocked)
+    except NonFiniteLogits:
+        nan = features.new_full((), float("nan"))
+        return nan, nan
     reward = rewards(positions, captions, samples).to(features.device)  # (B*k,)
     grouped = reward.view(-1, samples)  # (B, k)
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (samples - 1)  # (B, k): mean of the others
