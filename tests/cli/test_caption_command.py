@@ -12,7 +12,6 @@ from conftest import make_model
 from PIL import Image
 
 from captioner.cli.caption_command import attention_names
-from captioner.models.captioner import DEFAULT_MODEL_DIR
 from captioner.visualize.attention import PANEL_INCHES, TITLE_INCHES, figure_grid
 
 
@@ -111,14 +110,11 @@ def test_no_inputs_is_one_line_error(models, tmp_path):
     assert_one_line_error(result, "no images", "empty_folder", "nothing*.jpg", "missing.png")
 
 
-def test_default_model_until_one_ships(photos):
+def test_the_default_model_is_used_without_model(photos):
     folder, good = photos
-    result = run(good[0], "--model", "default")
-    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"{good[0]}\t")
-    else:
-        assert_one_line_error(result, "default model")
+    result = run(good[0], "--beam", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{good[0]}\t") and len(result.stdout.split("\t")[1].split()) >= 2
 
 
 def test_attention_pictures(models, tmp_path):
