@@ -61,8 +61,8 @@ def make_shapes(root: Path) -> Path:
     from captioner.data.formats import read_dataset
     from captioner.data.synthetic import write_shapes_dataset
 
-    caption_file = write_shapes_dataset(root / "raw", num_images=400, seed=0, image_size=224)
-    prepare(read_dataset([caption_file]), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
+    caption_files = write_shapes_dataset(root / "raw", num_images=400, seed=0, image_size=224)
+    prepare(read_dataset(caption_files), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
     return root / "prepared"
 
 

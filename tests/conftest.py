@@ -15,7 +15,8 @@ def shapes_karpathy(tmp_path_factory) -> Path:
     """The shapes set (60 images) in Karpathy format; returns the caption file."""
     from captioner.data.synthetic import write_shapes_dataset
 
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes_karpathy"), num_images=60, seed=3, format="karpathy")
+    [caption_file] = write_shapes_dataset(tmp_path_factory.mktemp("shapes_karpathy"), num_images=60, seed=3, format="karpathy")
+    return caption_file
 
 
 def make_vocab(words=("a", "b", "c")):
@@ -53,8 +54,8 @@ def shapes_prepared(tmp_path_factory) -> Path:
     from captioner.data.synthetic import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes_prepared")
-    caption_file = write_shapes_dataset(root / "raw", num_images=400, seed=0, format="karpathy")
-    prepare(read_dataset([caption_file]), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
+    caption_files = write_shapes_dataset(root / "raw", num_images=400, seed=0, format="karpathy")
+    prepare(read_dataset(caption_files), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
     return root / "prepared"
 
 
@@ -101,8 +102,8 @@ def trained_shapes(tmp_path_factory):
     from captioner.training.loop import train
 
     root = tmp_path_factory.mktemp("trained_shapes")
-    caption_file = write_shapes_dataset(root / "raw", num_images=800, seed=5, format="karpathy")
-    prepare(read_dataset([caption_file]), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
+    caption_files = write_shapes_dataset(root / "raw", num_images=800, seed=5, format="karpathy")
+    prepare(read_dataset(caption_files), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
     train(shapes_train_config(root / "prepared", root / "run", epochs=12, attention_regularization=0.0))
     items = json.loads((root / "raw" / "shapes.json").read_text())
     held_out = [dict(item, path=root / "raw" / "images" / item["image"]) for item in items if item["split"] == "test"]

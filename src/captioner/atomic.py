@@ -66,19 +66,35 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Build a folder under a temporary name; on success it replaces ``target``.
+def check_replaceable(target: str | os.PathLike, *, overwrite: bool, marker: str, what: str) -> None:
+    """Refuse to replace a non-empty folder ``target`` unless ``overwrite`` is set and it is one of ours.
 
-    With ``overwrite=False`` an existing non-empty ``target`` is refused up front with a clear
-    error. With ``overwrite=True`` the old folder is kept until the new one is complete, then
-    swapped out. On any failure the temporary folder is removed and ``target`` is untouched.
+    A folder is ours (a prepared dataset, a checkpoint, a run) when it holds the file ``marker``
+    that we write into every such folder. Anything else (the user's images, a home folder given as
+    ``--out`` by mistake) is never deleted, ``--overwrite`` or not.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise CaptionerError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
         raise CaptionerError(f"{target} already exists; pass --overwrite to replace it")
+    if not (target / marker).is_file():
+        raise CaptionerError(f"{target} is not {what} (it has no {marker}): refusing to replace it; remove it yourself or choose another folder")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool, marker: str, what: str) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``target``.
+
+    An existing non-empty ``target`` is refused up front with a clear error, unless ``overwrite``
+    is set and it holds ``marker`` (see :func:`check_replaceable`); then the old folder is kept
+    until the new one is complete, and swapped out. On any failure the temporary folder is removed
+    and ``target`` is untouched.
+    """
+    target = Path(target)
+    check_replaceable(target, overwrite=overwrite, marker=marker, what=what)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
     try:

@@ -227,10 +227,18 @@ def test_duplicate_karpathy_entries(tmp_path):
 def test_synthetic_set_reads_the_same_in_every_format(tmp_path, format):
     from captioner.data.synthetic import write_shapes_dataset
 
-    path = write_shapes_dataset(tmp_path, num_images=20, seed=1, format=format)
-    sources = sorted(tmp_path.glob("captions_*.json")) if format == "coco" else [path]
+    sources = write_shapes_dataset(tmp_path, num_images=20, seed=1, format=format)
+    assert len(sources) == (3 if format == "coco" else 1)
     dataset = read_dataset(sources)
     assert dataset.format == format
     summary = sorted((r.image.split("/")[-1], r.split, tuple(r.captions)) for r in dataset.records)
     reference = json.loads((tmp_path / "shapes.json").read_text())
     assert summary == sorted((item["image"], item["split"], tuple(item["captions"])) for item in reference)
+
+
+@pytest.mark.parametrize("num_images", [3, 4, 5, 8])
+def test_synthetic_set_has_every_split_however_small(tmp_path, num_images):
+    from captioner.data.synthetic import write_shapes_dataset
+
+    sources = write_shapes_dataset(tmp_path, num_images=num_images, seed=2, image_size=32)
+    assert sorted(read_dataset(sources).counts()) == ["test", "train", "val"]

@@ -85,6 +85,28 @@ def test_16_bit_grayscale_png(tmp_path):
     assert 125 <= image.getpixel((2, 5))[0] <= 130
 
 
+def test_dark_16_bit_image_stays_dark(tmp_path):
+    # the scale is the file's bit depth, not the brightest pixel: a 16-bit value of 200 is near black
+    path = tmp_path / "dark.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    assert load_image(path).getpixel((3, 3)) == (0, 0, 0)
+
+
+def test_any_decoder_exception_is_a_load_error(tmp_path, monkeypatch):
+    # Pillow's decoders raise more than OSError on damaged files (NotImplementedError for an unknown
+    # DDS pixel format, struct.error, IndexError ...): each must name the file, never escape.
+    path = tmp_path / "odd.png"
+    Image.new("RGB", (4, 4)).save(path)
+
+    def broken_load(self):
+        raise NotImplementedError("Unimplemented pixel format 0")
+
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    with pytest.raises(ImageLoadError, match="odd.png.*truncated or corrupt.*Unimplemented pixel format"):
+        load_image(path)
+
+
 def test_palette_with_transparency_composited_on_white(tmp_path):
     path = tmp_path / "palette.png"
     image = Image.new("P", (10, 10), 0)

@@ -130,3 +130,18 @@ def test_prepared_dataset_errors(tmp_path, shapes_karpathy):
     (tmp_path / "p" / "val.npz").unlink()
     with pytest.raises(DatasetError, match="no val.npz"):
         PreparedDataset(tmp_path / "p").captions("val")
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_prepared_one(shapes_karpathy, tmp_path):
+    dataset = read_dataset([shapes_karpathy])
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CaptionerError, match="is not a prepared folder .*no prepared.json.*refusing"):
+        prepare(dataset, mine, _options(overwrite=True))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # the caption file's own folder or the image folder as --out: refused, even when empty of ours
+    for holds in (shapes_karpathy.parent, dataset.image_root, dataset.image_root.parent):
+        with pytest.raises(CaptionerError, match="must be a folder of its own"):
+            prepare(dataset, holds, _options(overwrite=True))
+    assert shapes_karpathy.is_file() and any(dataset.image_root.iterdir())

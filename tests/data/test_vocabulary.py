@@ -76,3 +76,13 @@ def test_tokenize_keeps_other_scripts():
     assert tokenize("Ein Hund läuft über die Straße") == ["ein", "hund", "lauft", "uber", "die", "straße"]
     assert tokenize("собака бежит") == ["собака", "бежит"]
     assert tokenize("snake_case") == ["snake", "case"]
+
+
+def test_words_of_other_scripts_keep_their_marks():
+    # Devanagari vowel signs and virama, Japanese voicing marks, Hangul syllables stay whole; only
+    # Latin letters lose their accents
+    assert tokenize("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]
+    assert tokenize("がっこう、ごはん。") == ["がっこう", "ごはん"]
+    assert tokenize("학교에 가요") == ["학교에", "가요"]
+    assert tokenize("Ελληνικά: άλογο") == ["ελληνικά", "άλογο"]
+    assert tokenize("Café À ZÜRICH, naïve") == ["cafe", "a", "zurich", "naive"]

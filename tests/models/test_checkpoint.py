@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from captioner.errors import CheckpointError
+from captioner.errors import CaptionerError, CheckpointError
 from captioner.models.captioner import Captioner
 from conftest import make_model, make_vocab
 
@@ -146,6 +146,28 @@ def test_truncated_weights_missing_files_and_newer_format(tmp_path):
     shutil.rmtree(tmp_path / "new")
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (lambda c: json.dumps(c).replace('"max_length": 30', '"max_length": ' + "9" * 5000), "not valid JSON"),
+        (lambda c: json.dumps({**c, "format": True}), "newer than this captioner reads"),
+        (lambda c: json.dumps({**c, "encoder": "efficientnet_lite0"}), "'encoder' must be an object"),
+        (lambda c: json.dumps({**c, "decoder": [1, 2]}), "'decoder' must be an object"),
+        (lambda c: json.dumps({**c, "max_length": -5}), "max_length must be a positive whole number"),
+        (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "mean": [0.5]}}), "one value per RGB channel"),
+    ],
+)
+def test_hostile_or_wrong_config_is_one_line(tmp_path, change, message):
+    make_model("attention").save(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config.setdefault("preprocessing", {"image_size": 224, "resize": "squash", "crop_padding": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    (tmp_path / "ckpt" / "config.json").write_text(change(config))
+    with pytest.raises(CaptionerError, match=message) as error:
+        Captioner.load(tmp_path / "ckpt")
+    assert "\n" not in str(error.value)
+
+
 def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):
     from captioner.models import checkpoint
 
@@ -162,6 +184,14 @@ def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt")), outputs(first))
+
+
+def test_saving_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    with pytest.raises(CaptionerError, match="is not a checkpoint .*refusing"):
+        make_model("attention", seed=1).save(tmp_path / "project")
+    assert (tmp_path / "project" / "notes.txt").read_text() == "keep me"
 
 
 def test_default_model_message_when_none_ships(tmp_path, monkeypatch):

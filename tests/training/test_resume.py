@@ -43,3 +43,12 @@ def test_run_folder_rules(shapes_prepared, tmp_path):
         train(config)
     train(config, overwrite=True)
     assert (tmp_path / "run" / "last" / "training_state.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(shapes_prepared, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    config = shapes_train_config(shapes_prepared, tmp_path / "home", epochs=1, max_steps=2)
+    with pytest.raises(CaptionerError, match="is not a training run .*no train_config.json.*refusing"):
+        train(config, overwrite=True)
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"

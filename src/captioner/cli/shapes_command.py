@@ -29,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
         raise CaptionerError("--num-images must be at least 3 (one image per split)")
     if args.image_size < 32:
         raise CaptionerError("--image-size must be at least 32")
-    path = write_shapes_dataset(args.out, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)
-    print(f"wrote {args.num_images} images and {path}")
+    paths = write_shapes_dataset(args.out, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)
+    print(f"wrote {args.num_images} images and {' '.join(str(path) for path in paths)}")
     return 0

@@ -73,14 +73,18 @@ def load_image(
 def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            # We apply our own, lower pixel limit below, before decoding anything.
+            # We apply our own, lower pixel limit below, before decoding anything; Pillow's remarks on
+            # damaged metadata ("Tag data larger than file") are not errors a user can act on.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             image = Image.open(stream)
     except Image.DecompressionBombError:
         raise ImageLoadError(label, f"too large (its dimensions exceed the {max_pixels:,}-pixel limit)") from None
     except UnidentifiedImageError:
         raise ImageLoadError(label, "not an image, or a format Pillow cannot decode") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, ValueError, NotImplementedError, struct.error ...
         raise ImageLoadError(label, f"not readable ({_reason(error)})") from None
     width, height = image.size
     if width * height > max_pixels:
@@ -90,11 +94,14 @@ def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             image.seek(0)  # first frame of an animated GIF/PNG/WebP
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", (draft, draft))
             image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # whatever a damaged file makes a decoder raise, it is this file's fault
         raise ImageLoadError(label, f"truncated or corrupt ({_reason(error)})") from None
     return _to_rgb(image, label)
 
@@ -112,7 +119,9 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):  # 16 bits per pixel: 65535 is white, however dark the picture
+        return _from_array(np.asarray(image), label, integer_full_scale=65535)
+    if mode in ("I", "F"):
         return _from_array(np.asarray(image), label)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -127,8 +136,12 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         raise ImageLoadError(label, f"cannot convert mode {mode} to RGB ({_reason(error)})") from None
 
 
-def _from_array(array: np.ndarray, label: str) -> Image.Image:
-    """Numpy (H, W) / (H, W, 1|3|4) of any numeric dtype -> RGB image."""
+def _from_array(array: np.ndarray, label: str, integer_full_scale: int | None = None) -> Image.Image:
+    """Numpy (H, W) / (H, W, 1|3|4) of any numeric dtype -> RGB image.
+
+    Integer data is scaled by ``integer_full_scale`` where the bit depth is known (16-bit image
+    files), else by the smallest of 255, 65535 or the maximum that holds every value.
+    """
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
@@ -147,7 +160,7 @@ def _from_array(array: np.ndarray, label: str) -> Image.Image:
         values = array.astype(np.int64)
         top = values.max(initial=0)
         # 16-bit data (the common case for integer images that are not uint8) maps 65535 -> 255.
-        full_scale = 255 if top <= 255 else 65535 if top <= 65535 else int(top)
+        full_scale = integer_full_scale or (255 if top <= 255 else 65535 if top <= 65535 else int(top))
         scaled = np.clip(values * 255 // max(full_scale, 1), 0, 255).astype(np.uint8)
     else:
         raise ImageLoadError(label, f"unsupported array dtype {array.dtype}")
@@ -179,6 +192,8 @@ class Preprocessing:
             raise ValueError(f"image_size must be at least 16, not {self.image_size}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(v > 0 for v in self.std):
+            raise ValueError(f"mean and std need one value per RGB channel (std positive), not {list(self.mean)} and {list(self.std)}")
 
     def resize_image(self, image: Image.Image) -> Image.Image:
         size = self.image_size

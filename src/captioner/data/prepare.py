@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from captioner.atomic import atomic_directory, write_bytes_atomic
+from captioner.atomic import atomic_directory, check_replaceable, write_bytes_atomic
 from captioner.data.images import load_image
 from captioner.data.records import SPLITS, CaptionDataset
 from captioner.data.vocabulary import Vocabulary, tokenize
@@ -79,9 +79,11 @@ def prepare(dataset: CaptionDataset, out: str | Path, options: PrepareOptions | 
     if options.max_length < 1:
         raise CaptionerError(f"--max-length must be at least 1, not {options.max_length}")
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not options.overwrite:  # refuse before any slow work
-        raise CaptionerError(f"{out} already exists; pass --overwrite to replace it")
     image_root = dataset.image_root.resolve()
+    for inside, name in [(image_root, "the image folder"), *((Path(source).resolve(), source) for source in dataset.source)]:
+        if out.resolve() == inside or out.resolve() in inside.parents:
+            raise CaptionerError(f"--out {out} holds {name}: the prepared folder must be a folder of its own")
+    check_replaceable(out, overwrite=options.overwrite, marker="prepared.json", what="a prepared folder")  # before any slow work
     if not image_root.is_dir():
         raise DatasetError(f"image folder {dataset.image_root} does not exist")
 
@@ -140,7 +142,7 @@ def prepare(dataset: CaptionDataset, out: str | Path, options: PrepareOptions | 
         "dropped_examples": {reason: names[:20] for reason, names in examples.items()},
         "warnings": warnings,
     }
-    with atomic_directory(out, overwrite=options.overwrite) as building:
+    with atomic_directory(out, overwrite=options.overwrite, marker="prepared.json", what="a prepared folder") as building:
         vocab.save(building / "vocab.json")
         (building / "images.json").write_text(json.dumps(images), encoding="utf-8")
         for split in SPLITS:

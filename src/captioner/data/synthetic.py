@@ -101,8 +101,9 @@ def write_shapes_dataset(
     format: str = "karpathy",
     image_size: int = 128,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-) -> Path:
-    """Write images to ``out/images/`` and captions in ``format``; return the caption file to prepare.
+) -> list[Path]:
+    """Write images to ``out/images/`` and captions in ``format``; return the caption files to prepare
+    (one file; three for ``coco``, one per split).
 
     Also writes ``out/shapes.json``: each image's shapes with their boxes, for tests that check
     where a model looks.
@@ -115,8 +116,9 @@ def write_shapes_dataset(
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train_count = round(num_images * split_fractions[0])
-    val_count = max(1, round(num_images * split_fractions[1]))
+    # every split gets at least one image, whatever the fractions and however few the images
+    train_count = min(max(1, round(num_images * split_fractions[0])), num_images - 2)
+    val_count = min(max(1, round(num_images * split_fractions[1])), num_images - train_count - 1)
     items = []
     for number in range(num_images):
         shapes = sample_shapes(rng, image_size)
@@ -128,7 +130,7 @@ def write_shapes_dataset(
     return _write_format(out, items, format)
 
 
-def _write_format(out: Path, items: list[dict], format: str) -> Path:
+def _write_format(out: Path, items: list[dict], format: str) -> list[Path]:
     if format == "karpathy":
         path = out / "dataset_shapes.json"
         images = [
@@ -142,9 +144,9 @@ def _write_format(out: Path, items: list[dict], format: str) -> Path:
             for number, item in enumerate(items)
         ]
         path.write_text(json.dumps({"dataset": "shapes", "images": images}))
-        return path
+        return [path]
     if format == "coco":
-        first = None
+        paths = []
         for split in ("train", "val", "test"):
             subset = [(number, item) for number, item in enumerate(items) if item["split"] == split]
             images = [{"id": number, "file_name": f"images/{item['image']}"} for number, item in subset]
@@ -155,8 +157,8 @@ def _write_format(out: Path, items: list[dict], format: str) -> Path:
             ]
             path = out / f"captions_{split}.json"
             path.write_text(json.dumps({"images": images, "annotations": annotations}))
-            first = first or path
-        return first  # type: ignore[return-value]
+            paths.append(path)
+        return paths
     if format == "flickr8k":
         path = out / "Shapes.token.txt"
         lines = [f"images/{item['image']}#{k}\t{caption}" for item in items for k, caption in enumerate(item["captions"])]
@@ -164,7 +166,7 @@ def _write_format(out: Path, items: list[dict], format: str) -> Path:
         for split, file_split in (("train", "train"), ("val", "dev"), ("test", "test")):
             names = [f"images/{item['image']}" for item in items if item["split"] == split]
             (out / f"Shapes.{file_split}Images.txt").write_text("\n".join(names) + "\n")
-        return path
+        return [path]
     if format == "csv":
         path = out / "captions.csv"
         with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -173,9 +175,9 @@ def _write_format(out: Path, items: list[dict], format: str) -> Path:
             for item in items:
                 for caption in item["captions"]:
                     writer.writerow([f"images/{item['image']}", caption, item["split"]])
-        return path
+        return [path]
     path = out / "captions.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
         for item in items:
             handle.write(json.dumps({"image": f"images/{item['image']}", "captions": item["captions"], "split": item["split"]}) + "\n")
-    return path
+    return [path]

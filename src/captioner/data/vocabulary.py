@@ -1,8 +1,9 @@
 """Tokenizer and vocabulary.
 
-Captions are lower-cased, accents removed, and split into words of letters and digits (any
-script); punctuation is dropped except apostrophes inside words ("man's", "don't"), which is what
-Karpathy's preprocessed ``tokens`` look like for English. Words seen
+Captions are lower-cased, accents removed from Latin letters ("café" -> "cafe"), and split into
+words of letters, digits and combining marks of any script (Devanagari vowel signs, Japanese voicing
+marks and Hangul stay inside their words); punctuation is dropped except apostrophes inside words
+("man's", "don't"), which is what Karpathy's preprocessed ``tokens`` look like for English. Words seen
 fewer than ``min_word_freq`` times in the *training* split become ``<unk>``.
 """
 
@@ -22,7 +23,24 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 VOCAB_FORMAT = 1
 
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits of any script, inner apostrophes
+_WORD = re.compile(r"[^\s']+(?:'[^\s']+)*")  # runs of word characters, inner apostrophes
+
+
+def _is_word_character(character: str) -> bool:
+    return unicodedata.category(character)[0] in "LNM"  # letters, numbers, marks (not "_" or punctuation)
+
+
+def _without_latin_accents(text: str) -> str:
+    """Drop the combining marks on Latin letters only; other scripts' marks are part of their words."""
+    kept, after_latin = [], False
+    for character in unicodedata.normalize("NFKD", text):
+        if unicodedata.combining(character):
+            if after_latin:
+                continue
+        else:
+            after_latin = character.isascii() or "LATIN" in unicodedata.name(character, "")
+        kept.append(character)
+    return unicodedata.normalize("NFC", "".join(kept))  # recompose what stays (Hangul, kana with voicing marks)
 
 
 def tokenize(text: str) -> list[str]:
@@ -30,10 +48,12 @@ def tokenize(text: str) -> list[str]:
 
     >>> tokenize("A man's dog, running!  Fast.")
     ['a', "man's", 'dog', 'running', 'fast']
+    >>> tokenize("Un café à Zürich; नमस्ते दुनिया")
+    ['un', 'cafe', 'a', 'zurich', 'नमस्ते', 'दुनिया']
     """
-    text = text.replace("\u2019", "'").replace("`", "'")
-    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch)).lower()  # café -> cafe
-    return _WORD.findall(text)
+    text = _without_latin_accents(text.replace("\u2019", "'").replace("`", "'").lower()).lower()  # again: NFKD turns some letters upper case
+    words = _WORD.findall("".join(ch if ch == "'" or _is_word_character(ch) else " " for ch in text))
+    return [word for word in words if any(unicodedata.category(ch)[0] in "LN" for ch in word)]  # not a lone combining mark
 
 
 @dataclass

@@ -61,13 +61,19 @@ class CaptionerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CaptionerConfig":
+        for name in ("encoder", "decoder", "preprocessing"):
+            if values.get(name) is not None and not isinstance(values[name], dict):
+                raise ConfigError(f"invalid model config: '{name}' must be an object, not {type(values[name]).__name__}")
+        max_length = values.get("max_length", 30)
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ConfigError(f"invalid model config: max_length must be a positive whole number, not {str(max_length)[:40]}")
         try:
             preprocessing = values.get("preprocessing")
             return cls(
-                encoder=EncoderConfig.from_dict(values.get("encoder", {})),
-                decoder=DecoderConfig.from_dict(values.get("decoder", {})),
+                encoder=EncoderConfig.from_dict(values.get("encoder") or {}),
+                decoder=DecoderConfig.from_dict(values.get("decoder") or {}),
                 preprocessing=Preprocessing.from_dict(preprocessing) if preprocessing else None,
-                max_length=int(values.get("max_length", 30)),
+                max_length=max_length,
             )
         except (TypeError, ValueError) as error:
             raise ConfigError(f"invalid model config: {error}") from None

@@ -34,10 +34,10 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 def save_checkpoint(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any], vocab: Vocabulary, *, extra_files: dict[str, bytes] | None = None
 ) -> Path:
-    """Write a checkpoint folder atomically (replacing any checkpoint already there)."""
+    """Write a checkpoint folder atomically, replacing a checkpoint already there (never another folder)."""
     path = Path(path)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    with atomic_directory(path, overwrite=True) as building:
+    with atomic_directory(path, overwrite=True, marker=WEIGHTS, what="a checkpoint") as building:
         save_file(tensors, str(building / WEIGHTS), metadata={"format": "captioner", "version": str(CHECKPOINT_FORMAT)})
         (building / CONFIG).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **config}, indent=2), encoding="utf-8")
         vocab.save(building / VOCAB)
@@ -73,11 +73,15 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {folder} has no {CONFIG}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint {config_path} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {config_path}: {error.strerror or error}") from None
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {config_path} is not usable JSON: nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a number over int's 4300-digit limit
+        raise CheckpointError(f"checkpoint {config_path} is not valid JSON: {str(error).split(';')[0]}") from None
     if not isinstance(config, dict) or "format" not in config:
         raise CheckpointError(f"{config_path} is not a captioner checkpoint config (no 'format')")
-    if not isinstance(config["format"], int) or config["format"] > CHECKPOINT_FORMAT:
+    if not isinstance(config["format"], int) or isinstance(config["format"], bool) or config["format"] > CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"checkpoint {folder} has format {config['format']}, newer than this captioner reads ({CHECKPOINT_FORMAT}); upgrade captioner"
         )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from captioner.atomic import check_replaceable
 from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
@@ -616,6 +617,7 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, dist_info: 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CaptionerError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start again, or another --out")
+        check_replaceable(out, overwrite=True, marker=TRAIN_CONFIG, what="a training run")  # never delete a folder that is not a run
         if dist_info.is_main:
             shutil.rmtree(out)
         dist_info.barrier()
