@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from captioner.errors import ConfigError
+from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig
 from captioner.models.embeddings import load_word_vectors
 from conftest import make_model, make_vocab
@@ -117,6 +118,8 @@ def test_glove_vectors_load_into_the_embedding(tmp_path):
     assert weight[vocab.index["blue"]].tolist() == [5, 6, 7, 8]
     assert torch.equal(weight[vocab.index["a"]], before[vocab.index["a"]])
     assert not weight.requires_grad
+    model.save(tmp_path / "frozen")  # a loaded model keeps its embedding frozen, as its config says
+    assert not Captioner.load(tmp_path / "frozen").decoder.embedding.weight.requires_grad
     word2vec = tmp_path / "w2v.txt"
     word2vec.write_text("2 3\nred 1 2 3\nblue 4 5 6\n")
     with pytest.raises(ConfigError, match="3-dimensional vectors, but embed_dim is 4"):

@@ -26,6 +26,7 @@ def test_toml_file_with_sections_and_overrides(tmp_path):
         (["progress=maybe"], "must be true or false"),
         (["epochs"], "key=value"),
         (["label_smoothing=1.5"], "label_smoothing"),
+        (["decoder.freeze_embeddings=true"], "freeze_embeddings .* needs word_vectors"),
     ],
 )
 def test_bad_settings_are_one_line_errors(overrides, message):

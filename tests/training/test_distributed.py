@@ -35,3 +35,23 @@ def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert ["train_reward" in r for r in records] == [False, False, True, True]
     assert records[-1]["val_CIDEr-D"] > records[0]["val_CIDEr-D"]
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_the_encoder_in_step(shapes_prepared, tmp_path):
+    # Fine-tuning switches on in epoch 2: DDP must synchronise the encoder's gradients from then on
+    # (every checkpoint checks that both ranks hold the same weights), and epoch 1 trains from the cache.
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = torchrun(
+        "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "32", "--quiet", "--epochs", "2",
+        "--set", "decoder.hidden_dim=64", "--set", "decoder.embed_dim=32", "--set", "decoder.attention_dim=32",
+        "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=2", "--set", "val_max_images=8",
+        "--set", "fine_tune_encoder=1", "--set", "fine_tune_from_epoch=1", "--set", "patience=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_one = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch_one["train_captions_per_second"] > 0
+    tensors = load_file(str(out / "last" / "model.safetensors"))
+    assert any(name.startswith("encoder.") for name in tensors)  # the fine-tuned encoder is saved

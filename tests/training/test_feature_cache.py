@@ -61,3 +61,20 @@ def test_unreadable_image_is_a_clear_error_and_leaves_no_file(encoder, tmp_path)
     with pytest.raises(CaptionerError, match=r"3\.png: not an image.*captioner prepare"):
         cached_features(encoder, Preprocessing(image_size=64), paths, tmp_path / "cache", "train", workers=0, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_epochs_before_fine_tuning_train_from_the_cache(shapes_prepared, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from captioner.training import loop
+    from conftest import shapes_train_config
+
+    settings = dict(epochs=1, fine_tune_encoder=1, fine_tune_from_epoch=1, val_max_images=8, decoder={"hidden_dim": 64})
+    with monkeypatch.context() as patch:  # epoch 1 of a run that fine-tunes from epoch 2 never reads an image
+        patch.setattr(loop, "ImageFiles", lambda *args, **kwargs: pytest.fail("an image was loaded before fine-tuning"))
+        train_config = shapes_train_config(shapes_prepared, tmp_path / "run", **settings)
+        loop.train(train_config)
+    assert not any(name.startswith("encoder.") for name in load_file(str(tmp_path / "run" / "last" / "model.safetensors")))
+    loop.train(shapes_train_config(shapes_prepared, tmp_path / "run", **{**settings, "epochs": 2}), resume=True)
+    assert any(name.startswith("encoder.") for name in load_file(str(tmp_path / "run" / "last" / "model.safetensors")))

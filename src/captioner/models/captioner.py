@@ -80,13 +80,17 @@ class CaptionerConfig:
 
 
 def build_decoder(config: DecoderConfig, vocab_size: int, feature_dim: int) -> Decoder:
+    decoder: Decoder
     if config.kind == "attention":
         from captioner.models.show_attend_tell import ShowAttendTell
 
-        return ShowAttendTell(config, vocab_size, feature_dim)
-    from captioner.models.show_tell import ShowTell
+        decoder = ShowAttendTell(config, vocab_size, feature_dim)
+    else:
+        from captioner.models.show_tell import ShowTell
 
-    return ShowTell(config, vocab_size, feature_dim)
+        decoder = ShowTell(config, vocab_size, feature_dim)
+    decoder.embedding.weight.requires_grad_(not config.freeze_embeddings)  # also when loaded from a checkpoint
+    return decoder
 
 
 class Captioner(nn.Module):

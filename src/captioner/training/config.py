@@ -77,6 +77,7 @@ class TrainConfig:
     workers: int = 2  # image-loading processes (feature caching and fine-tuning)
     feature_cache: str | None = None  # folder for cached features; default: <data>/features
     encode_batch_size: int = 64
+    distributed_timeout_minutes: float = 180  # longest wait in a collective under torchrun (rank 0 caching or validating)
     save_every_steps: int = 0  # also save last/ every this many steps (0: at epoch ends only)
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit); for smoke runs
     progress: bool = True
@@ -100,6 +101,7 @@ class TrainConfig:
             (self.val_beam_size >= 1, "val_beam_size must be at least 1"),
             (self.early_stopping_metric in METRICS_FOR_STOPPING, f"early_stopping_metric must be one of {', '.join(METRICS_FOR_STOPPING)}"),
             (self.max_length >= 1, "max_length must be at least 1"),
+            (self.distributed_timeout_minutes > 0, "distributed_timeout_minutes must be positive"),
             (self.fine_tune_encoder >= 0, "fine_tune_encoder must be >= 0"),
             (self.image_size is None or self.image_size >= 32, "image_size must be at least 32"),
             (0 <= self.scheduled_sampling_max <= 1, "scheduled_sampling_max must be in [0, 1]"),
@@ -108,6 +110,7 @@ class TrainConfig:
             (self.self_critical_samples >= 2, "self_critical_samples must be at least 2 (each sample's baseline is the others' mean)"),
             (self.self_critical_max_length >= 1, "self_critical_max_length must be at least 1"),
             (self.self_critical_start < 0 or self.fine_tune_encoder == 0, "self-critical training runs on cached features: it cannot be combined with fine_tune_encoder"),
+            (self.word_vectors or not self.decoder.freeze_embeddings, "decoder.freeze_embeddings keeps pretrained word vectors fixed: it needs word_vectors (a GloVe-format file)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -51,14 +52,32 @@ class Distributed:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def check_same_weights(self, module: torch.nn.Module) -> None:
+        """Raise if the ranks' copies of ``module`` have drifted apart (DDP must keep them identical:
+        a parameter whose gradients it does not synchronise would drift, and rank 0 would save only
+        its own copy). A collective: every rank calls it."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in module.parameters()]).cpu()  # (params, 2)
+        fingerprints = self.gather(fingerprint)
+        drifted = [rank for rank, other in enumerate(fingerprints) if not torch.equal(other, fingerprints[0])]
+        if drifted:
+            raise RuntimeError(f"the weights of rank(s) {drifted} differ from rank 0's: gradients were not synchronised")
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
 
-def setup(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group if torchrun started us; pick the device."""
+def setup(device_name: str, timeout_minutes: float = 180) -> tuple[Distributed, torch.device]:
+    """Join the process group if torchrun started us; pick the device.
+
+    ``timeout_minutes`` bounds every collective. The other ranks wait in one while rank 0 builds the
+    feature cache or validates, which on a large set (COCO on CPUs: most of an hour) outlasts
+    PyTorch's default (30 minutes for gloo, 10 for NCCL).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +86,7 @@ def setup(device_name: str) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     info = Distributed(rank, world_size, local_rank)
     if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return info, device
 
 

@@ -258,7 +258,7 @@ def validation_loss(step_module: nn.Module, batches: list[Batch], load_inputs, c
 # ----- the whole run ----------------------------------------------------------------------------
 
 
-def build_model(config: TrainConfig, dataset: PreparedDataset) -> Captioner:
+def build_model(config: TrainConfig, dataset: PreparedDataset, *, word_vectors: bool = True) -> Captioner:
     encoder_settings = config.encoder
     model_config = CaptionerConfig(encoder=encoder_settings, decoder=config.decoder, preprocessing=None, max_length=config.max_length)
     model = Captioner(model_config, dataset.vocab)
@@ -270,7 +270,7 @@ def build_model(config: TrainConfig, dataset: PreparedDataset) -> Captioner:
             image_size=config.image_size or native.image_size, resize=config.resize, crop_padding=native.crop_padding, mean=native.mean, std=native.std
         )
         model.config.preprocessing = model.preprocessing
-    if config.word_vectors:
+    if config.word_vectors and word_vectors:  # a resumed run takes its embedding from the checkpoint instead
         from captioner.models.embeddings import load_word_vectors
 
         vectors, found = load_word_vectors(config.word_vectors, dataset.vocab, config.decoder.embed_dim)
@@ -302,7 +302,7 @@ def scheduled_sampling_probability(config: TrainConfig, epoch: int) -> float:
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> RunState:
     """Run (or resume) a training run described by ``config``; returns the final run state."""
-    dist_info, device = setup(config.device)
+    dist_info, device = setup(config.device, config.distributed_timeout_minutes)
     try:
         return _train(config, resume=resume, overwrite=overwrite, dist_info=dist_info, device=device)
     finally:
@@ -326,15 +326,15 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
 
     torch.manual_seed(config.seed + dist_info.rank)
     np.random.seed(config.seed)
-    model = build_model(config, dataset).to(device)
+    model = build_model(config, dataset, word_vectors=resume_from is None).to(device)
     state = RunState()
 
     # The encoder stages that fine-tuning trains go in their own parameter group from the start.
     encoder_parameters: list[nn.Parameter] = []
     if config.fine_tune_encoder:
-        model.fine_tune_encoder(config.fine_tune_encoder)
+        model.encoder.fine_tune(config.fine_tune_encoder)
         encoder_parameters = [p for p in model.encoder.parameters() if p.requires_grad]
-        model.encoder.fine_tune(0)  # switched on at fine_tune_from_epoch
+        model.encoder.fine_tune(0)  # switched on at fine_tune_from_epoch; until then the encoder is the package's
     groups = [{"params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.decoder_lr}]
     if encoder_parameters:
         groups.append({"params": encoder_parameters, "lr": config.encoder_lr})
@@ -386,7 +386,9 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
             result = split_features(model, dataset, split, cache_dir=config.feature_cache, device=device, progress=False)
         return result
 
-    cache_usable = not model.encoder_in_checkpoint
+    # Cached features serve every epoch before fine-tuning starts (and validation of those epochs).
+    fine_tunes_from_start = bool(config.fine_tune_encoder) and config.fine_tune_from_epoch <= state.epoch
+    cache_usable = not model.encoder_in_checkpoint and not fine_tunes_from_start
     train_features = features_for("train") if cache_usable else None
     val_features = features_for("val") if cache_usable else None
     train_paths = [dataset.image_path(i) for i in dataset.split_images("train")]
@@ -440,15 +442,22 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
             dataset.vocab,
         )
     plain_step = TrainingStep(model, config, rewards)
-    step_module: nn.Module = plain_step
-    if dist_info.enabled:
-        step_module = nn.parallel.DistributedDataParallel(plain_step, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def wrapped() -> nn.Module:
+        """The module each step runs: under DDP, a wrapper over the parameters that train *now* (DDP
+        synchronises only the gradients of parameters that required them when it was built)."""
+        if not dist_info.enabled:
+            return plain_step
+        return nn.parallel.DistributedDataParallel(plain_step, device_ids=[device.index] if device.type == "cuda" else None)
+
+    step_module = wrapped()
 
     generation = GenerationConfig(
         strategy="beam" if config.val_beam_size > 1 else "greedy", beam_size=config.val_beam_size, max_length=config.max_length, return_attention=False
     )
 
     def save_last() -> None:
+        dist_info.check_same_weights(model)  # what rank 0 saves is every rank's model
         rngs = dist_info.gather(rng_state())  # every rank's random state (a collective: all ranks call it)
         if dist_info.is_main:
             _save_last(model, out, config, state, optimizer, schedule, scaler, rngs)
@@ -475,6 +484,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
             fine_tuning = bool(config.fine_tune_encoder) and epoch >= config.fine_tune_from_epoch
             if fine_tuning and not model.encoder.trainable:
                 model.fine_tune_encoder(config.fine_tune_encoder)
+                step_module = wrapped()  # the encoder's gradients are synchronised from now on
             if _self_critical_due(config, state):
                 _start_self_critical(model, out, config, state, optimizer, schedule, log)
             batches = train_batches.epoch(epoch, skip=state.step_in_epoch)
