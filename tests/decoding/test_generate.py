@@ -74,6 +74,72 @@ def test_beam_search_equals_exhaustive_search(kind, alpha):
             assert caption.score == pytest.approx(score, abs=1e-4)
 
 
+def next_log_probs(model, features, tokens, words_so_far_min_length=1):
+    """The model's log-probabilities of the next token after <start> + tokens, with generate's masking."""
+    vocab = model.vocab
+    ids = [vocab.start_id, *tokens, vocab.pad_id]  # the last position's input is never read
+    with torch.no_grad():
+        logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+    log_probs = torch.log_softmax(logits[0, -1], dim=-1)
+    log_probs[[vocab.pad_id, vocab.start_id, vocab.unk_id]] = -math.inf
+    if len(tokens) < words_so_far_min_length:
+        log_probs[vocab.end_id] = -math.inf
+    return log_probs.tolist()
+
+
+def reference_beam_search(model, features, k, max_length, alpha, num_return):
+    """The documented algorithm, one image at a time in plain Python, with no early stopping: at each
+    step the 2k best extensions; <end> among the first k finishes a hypothesis; the k best others go on;
+    at max_length each beam finishes if <end> is its likeliest next token, else stays unfinished."""
+    end = model.vocab.end_id
+    pool, beams = [], [(0.0, [])]
+    for t in range(max_length + 1):
+        candidates = []
+        for log_prob, tokens in beams:
+            next_scores = next_log_probs(model, features, tokens)
+            if t == max_length:
+                finished = max(range(len(next_scores)), key=next_scores.__getitem__) == end
+                pool.append((log_prob + (next_scores[end] if finished else 0.0), tokens, finished))
+                continue
+            candidates += [(log_prob + score, tokens, word) for word, score in enumerate(next_scores) if math.isfinite(score)]
+        if t == max_length:
+            break
+        top = sorted(candidates, key=lambda item: -item[0])[: 2 * k]
+        pool += [(score, tokens, True) for position, (score, tokens, word) in enumerate(top) if word == end and position < k]
+        beams = [(score, tokens + [word]) for score, tokens, word in top if word != end][:k]
+    ranked = sorted(pool, key=lambda item: -item[0] / length_penalty(len(item[1]) + item[2], alpha))
+    return [(tokens, finished, log_prob) for log_prob, tokens, finished in ranked[:num_return]]
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("k, alpha", [(2, 0.0), (3, 0.0), (3, 1.0), (4, 2.0)])
+def test_beam_search_equals_the_reference_algorithm_with_pruning(kind, k, alpha):
+    # beams much smaller than the search space: pruning and early stopping must not change the result
+    model = make_model(kind, seed=13, words=("a", "b", "c", "d", "e", "f"), scale=2.0)
+    features = features_for(model, batch=3, seed=4)
+    results = generate(model, features, strategy="beam", beam_size=k, num_return=k, max_length=5, length_penalty=alpha)
+    for image in range(3):
+        expected = reference_beam_search(model, features[image], k, 5, alpha, k)
+        assert [(c.tokens, c.finished) for c in results[image]] == [(tokens, finished) for tokens, finished, _ in expected]
+        assert [c.log_prob for c in results[image]] == pytest.approx([log_prob for _, _, log_prob in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_decoding_ends_when_the_rules_leave_no_word(strategy):
+    # three words, none may repeat, and <end> is not allowed before five: the rules leave nothing
+    # after three words, so <end> is allowed there; never an empty result or a crash
+    model = make_model("attention", seed=2)
+    features = features_for(model, batch=2)
+    results = generate(model, features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, min_length=5, no_repeat_ngram_size=1, max_length=8, seed=0)
+    for captions in results:
+        assert captions
+        for caption in captions:
+            assert sorted(caption.tokens) == [model.vocab.index[w] for w in ("a", "b", "c")] and caption.finished
+            assert math.isfinite(caption.log_prob)
+            expected, _ = teacher_forced(model, features[0 if captions is results[0] else 1], caption.tokens, True)
+            assert caption.log_prob == pytest.approx(expected, abs=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_beam_of_one_is_greedy(kind, seed):

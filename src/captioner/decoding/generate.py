@@ -122,16 +122,26 @@ def generate(model: "Captioner", images_or_features: torch.Tensor, config: Gener
 # ----- shared pieces ------------------------------------------------------------------------
 
 
-def _log_probs(model: "Captioner", logits: torch.Tensor, words_so_far: int, config: GenerationConfig) -> torch.Tensor:
-    """Model log-probabilities (rows, V) with never-generated tokens set to -inf."""
+def _log_probs(model: "Captioner", logits: torch.Tensor, history: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Model log-probabilities (rows, V) with the tokens that may not come next set to -inf.
+
+    Never generated: <pad>, <start>, <unk> (unless allowed), <end> before ``min_length``, a word
+    that repeats an n-gram (``no_repeat_ngram_size``). Where these rules leave a row no token at
+    all (a tiny vocabulary, a long ``min_length``), <end> is allowed there: decoding always ends.
+    """
     vocab = model.vocab
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    model_log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = model_log_probs.clone()
     log_probs[:, vocab.pad_id] = -math.inf
     log_probs[:, vocab.start_id] = -math.inf
     if not config.allow_unk:
         log_probs[:, vocab.unk_id] = -math.inf
-    if words_so_far < config.min_length:
+    if history.shape[1] < config.min_length:
         log_probs[:, vocab.end_id] = -math.inf
+    _block_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+    stuck = ~torch.isfinite(log_probs).any(dim=1)  # (rows,)
+    if bool(stuck.any()):
+        log_probs[stuck, vocab.end_id] = model_log_probs[stuck, vocab.end_id]
     return log_probs
 
 
@@ -176,8 +186,7 @@ def _greedy(model: "Captioner", features: torch.Tensor, config: GenerationConfig
     lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=features.device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, t, config)  # (B, V)
-        _block_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+        log_probs = _log_probs(model, logits, history, config)  # (B, V)
         if t == config.max_length:  # no room for another word: only <end> can still finish a caption
             ends = ~finished & (log_probs.argmax(dim=1) == vocab.end_id)
             total = torch.where(ends, total + log_probs[:, vocab.end_id], total)
@@ -240,8 +249,7 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
 
     for t in range(config.max_length + 1):
         logits, state, alpha_t = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, t, config)  # (B*k, V)
-        _block_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+        log_probs = _log_probs(model, logits, history, config)  # (B*k, V)
         vocab_size = log_probs.shape[1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab_size)  # (B, k*V)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2k), best first
@@ -326,8 +334,7 @@ def _sample(model: "Captioner", features: torch.Tensor, config: GenerationConfig
     lengths = torch.full((rows,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, t, config)  # (rows, V) the model's own
-        _block_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+        log_probs = _log_probs(model, logits, history, config)  # (rows, V) the model's own
         if t == config.max_length:  # only <end> is still possible: sample whether to stop here
             end_probability = _filtered_probs(log_probs, config)[:, vocab.end_id]
             ends = ~finished & (torch.rand(rows, generator=generator, device=device) < end_probability)
