@@ -201,3 +201,38 @@ def test_list_images(tmp_path):
     assert [p.name for p in list_images([tmp_path])] == ["a.PNG", "b.jpg"]
     assert [p.name for p in list_images([str(tmp_path / "*.jpg")])] == ["b.jpg"]
     assert [p.name for p in list_images([tmp_path / "missing.jpg"])] == ["missing.jpg"]
+
+
+def test_crop_of_an_extreme_panorama_never_makes_the_whole_resized_image():
+    # "Short side to 256, then crop" of a 2000 x 1 image would first make a 512000 x 256 image
+    # (500 MB); the crop resizes only the centre square. Peak memory of a fresh process proves it,
+    # before a 100000 x 1 panorama (25 GB the old way) is tried.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from PIL import Image\n"
+        "from captioner.data.images import Preprocessing\n"
+        "crop = Preprocessing(224, resize='crop')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for size in [(2000, 1), (1, 2000), (4000, 40)]:\n"
+        "    assert crop.resize_image(Image.new('RGB', size, 'red')).size == (224, 224)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "assert grown < 50_000, f'peak memory grew {grown} KiB'\n"
+        "assert crop.resize_image(Image.new('RGB', (100000, 1), 'red')).size == (224, 224)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_crop_resizes_the_short_side_then_crops_the_centre():
+    # the same pixels (to within one level in a few places) as resizing the whole image to a short
+    # side of image_size + crop_padding and cropping the centre, which it never does
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    resized = image.resize((385, 256), Image.BICUBIC)  # 451 * 256 / 300 = 384.9
+    expected = np.asarray(resized.crop((80, 16, 304, 240)), dtype=np.int16)
+    got = np.asarray(Preprocessing(224, resize="crop", crop_padding=32).resize_image(image), dtype=np.int16)
+    assert np.abs(got - expected).max() <= 1 and np.abs(got - expected).mean() < 0.01
+    assert Preprocessing(224, resize="crop").crop_box(451, 300) == pytest.approx((80 * 451 / 385, 16 * 300 / 256, 304 * 451 / 385, 240 * 300 / 256))
+    assert Preprocessing(224, resize="squash").crop_box(451, 300) == (0, 0, 451, 300)

@@ -36,3 +36,29 @@ def test_the_readme_main_command_captions_the_examples():
     captions = dict(line.split("\t") for line in result.stdout.splitlines())
     assert sorted(Path(p).name for p in captions) == ["bed.jpg", "dog.jpg", "snow.jpg"]
     assert all(len(caption.split()) >= 3 for caption in captions.values()), captions
+
+
+def test_a_large_jpeg_gets_the_same_caption_through_python_the_command_line_and_the_server(model, tmp_path):
+    # every way in decodes JPEGs the same way (at the preprocessing's draft size): same words, same score
+    import dataclasses
+    import json
+
+    from PIL import Image
+
+    from captioner.serve.captioning import DecodeSettings, ModelRunner, prepare_upload
+
+    photo = tmp_path / "big.jpg"
+    Image.open(EXAMPLES / "snow.jpg").resize((1400, 1050), Image.BICUBIC).save(photo, quality=95)
+    python = model.caption(photo, beam_size=3, n_best=2)
+    assert [r.text for r in python.n_best][0] == python.text and all(not r.n_best for r in python.n_best)
+    assert dataclasses.asdict(python)["n_best"][1]["text"] == python.n_best[1].text  # no result holds itself
+
+    out = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "captioner", "caption", str(photo), "--beam", "3", "--n-best", "2", "--json", str(out), "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    [served] = ModelRunner(model)(DecodeSettings(beam_size=3, n_best=2), [prepare_upload(photo.read_bytes(), "big.jpg", model.preprocessing)])
+    for other_text, other_score in [(record["caption"], record["score"]), (served.text, served.score)]:
+        assert other_text == python.text
+        assert other_score == pytest.approx(python.score, abs=1e-4)

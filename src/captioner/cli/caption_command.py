@@ -276,8 +276,6 @@ def run(args: argparse.Namespace) -> int:
         attention_folder.mkdir(parents=True, exist_ok=True)
     names = attention_names(paths) if attention_folder is not None else {}
 
-    preprocessing = model.preprocessing
-    draft = preprocessing.image_size + (preprocessing.crop_padding if preprocessing.resize == "crop" else 0)
     outcome = Outcome(failed=len(empty))
     with tqdm(
         total=len(paths), unit="img", desc="captioning", leave=False, file=sys.stderr,
@@ -285,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     ) as bar:
         console.bar = bar
         for chunk in chunks(paths, args.batch_size):
-            loaded = read_chunk(chunk, draft, console.err)
+            loaded = read_chunk(chunk, model.preprocessing.draft_size, console.err)
             outcome.failed += len(chunk) - len(loaded)
             for (path, image), result in zip(loaded, caption_images(model, loaded, args)):
                 figure = write_attention(attention_folder, names[path], image, result, model) if attention_folder else None

@@ -174,8 +174,8 @@ class Preprocessing:
 
     ``resize="squash"`` resizes to ``image_size`` x ``image_size`` ignoring the aspect ratio (the
     whole picture is seen: what a captioner wants). ``resize="crop"`` is TensorFlow's EfficientNet
-    evaluation transform: bicubic resize of the short side to ``image_size + crop_padding``, then a
-    centre crop (what ImageNet classification was measured with). Pixels are scaled to [0, 1] and
+    evaluation transform as timm runs it: bicubic resize of the short side to ``image_size +
+    crop_padding``, then a centre crop (what ImageNet classification was measured with). Pixels are scaled to [0, 1] and
     normalised with ``mean``/``std`` (EfficientNet-Lite: 0.5/0.5, i.e. [-1, 1]).
     """
 
@@ -201,13 +201,32 @@ class Preprocessing:
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BICUBIC)
             return image
-        width, height = image.size
-        short = size + self.crop_padding
-        scale = short / min(width, height)
-        new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-        image = image.resize((new_width, new_height), Image.BICUBIC)
-        left, top = (new_width - size) // 2, (new_height - size) // 2
-        return image.crop((left, top, left + size, top + size))
+        # Resampling only the box gives the pixels of "resize the whole image, then crop" exactly,
+        # without ever making the whole resized image (a 100000 x 1 panorama at a short side of 256
+        # would be 25.6 million pixels wide).
+        return image.resize((size, size), Image.BICUBIC, box=self.crop_box(*image.size))
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in pixels: the part of a ``width`` x ``height`` image the encoder sees.
+
+        ``squash``: all of it. ``crop``: the square that resizing the short side to ``image_size +
+        crop_padding`` (each side rounded to whole pixels) and cropping ``image_size`` from the
+        centre keeps, mapped back to this image.
+        """
+        if self.resize == "squash":
+            return 0.0, 0.0, float(width), float(height)
+        size = self.image_size
+        scale = (size + self.crop_padding) / min(width, height)
+        resized_width, resized_height = max(size, round(width * scale)), max(size, round(height * scale))
+        left, top = (resized_width - size) // 2, (resized_height - size) // 2
+        x_scale, y_scale = resized_width / width, resized_height / height
+        return left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale
+
+    @property
+    def draft_size(self) -> int:
+        """The least size a JPEG is decoded at (``load_image(..., draft=)``): every way in (training,
+        evaluation, the command line, the server, the Python API) decodes the same way."""
+        return self.image_size + (self.crop_padding if self.resize == "crop" else 0)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> float tensor (3, image_size, image_size)."""

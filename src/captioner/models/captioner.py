@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ class CaptionResult:
     score: float  # the ranking score (log-probability, length-penalised if asked)
     log_prob: float  # the model's total log-probability of the caption
     attention: "np.ndarray | None"  # (len(words), h, w): where each word looked, rows sum to 1; None for Show and Tell
-    n_best: list["CaptionResult"] = field(default_factory=list)  # the best captions, this one first (when n_best > 1)
+    n_best: list["CaptionResult"] = field(default_factory=list)  # all the captions asked for (n_best of them), best first; theirs are empty
     source: str = ""  # the path (or a description) of the image
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,13 +183,14 @@ class Captioner(nn.Module):
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             names = [str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>" for item in chunk]
-            pixels = torch.stack([self.preprocessing(load_image(item)) for item in chunk])  # (b, 3, S, S)
-            for name, captions in zip(names, generate(self, pixels, config)):
-                found = [self._result(c, name) for c in captions]
-                best = found[0]
-                best.n_best = found
-                results.append(best)
+            pixels = torch.stack([self.preprocessing(load_image(item, draft=self.preprocessing.draft_size)) for item in chunk])  # (b, 3, S, S)
+            results.extend(self._result_with_n_best(captions, name) for name, captions in zip(names, generate(self, pixels, config)))
         return results[0] if single else results
+
+    def _result_with_n_best(self, captions: list[Any], source: str) -> CaptionResult:
+        """The best caption, its ``n_best`` list holding all of them (each without an ``n_best`` of its own)."""
+        found = [self._result(caption, source) for caption in captions]
+        return dataclasses.replace(found[0], n_best=found)
 
     def _result(self, caption: Any, source: str) -> CaptionResult:
         attention = None

@@ -56,20 +56,15 @@ def encoder_region(width: int, height: int, preprocessing: "Preprocessing") -> R
     ``resize="squash"`` stretches the whole image, so the grid covers all of it; ``resize="crop"``
     keeps a centred square whose side is ``image_size / (image_size + crop_padding)`` of the short side.
     """
-    if preprocessing.resize != "crop":
-        return Region()
-    size = preprocessing.image_size
-    side = max(1, round(min(width, height) * size / (size + preprocessing.crop_padding)))
-    left, top = (width - side) // 2, (height - side) // 2
-    return Region(left / width, top / height, (left + side) / width, (top + side) / height)
+    left, top, right, bottom = preprocessing.crop_box(width, height)
+    return Region(left / width, top / height, right / width, bottom / height)
 
 
 def prepare_upload(data: bytes, name: str, preprocessing: "Preprocessing") -> PreparedImage:
     """Decode an uploaded file (raises :class:`~captioner.errors.ImageLoadError`) into encoder input."""
     from captioner.data.images import load_image
 
-    draft = preprocessing.image_size + (preprocessing.crop_padding if preprocessing.resize == "crop" else 0)
-    image = load_image(data, name=name, draft=draft)  # JPEG: decode at reduced size, much faster for photos
+    image = load_image(data, name=name, draft=preprocessing.draft_size)  # JPEG: decode at reduced size, much faster for photos
     width, height = shown_size(data, fallback=image.size)
     return PreparedImage(preprocessing(image), width, height, encoder_region(width, height, preprocessing))
 
@@ -109,13 +104,7 @@ class ModelRunner:
             max_length=self.model.config.max_length,
         )
         pixels = torch.stack([image.pixels for image in images])  # (B, 3, S, S)
-        results = []
-        for captions in generate(self.model, pixels, config):
-            found = [self.model._result(caption, "<upload>") for caption in captions]
-            best = found[0]
-            best.n_best = found
-            results.append(best)
-        return results
+        return [self.model._result_with_n_best(captions, "<upload>") for captions in generate(self.model, pixels, config)]
 
 
 def attention_grids(attention: "np.ndarray | None") -> list[list[list[float]]] | None:

@@ -44,7 +44,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
-            image = load_image(self.paths[index], draft=self.preprocessing.image_size)
+            image = load_image(self.paths[index], draft=self.preprocessing.draft_size)
         except ImageLoadError as error:
             size = self.preprocessing.image_size
             return torch.zeros(3, size, size), f"{error}; run 'captioner prepare' again to drop it"
@@ -59,7 +59,10 @@ def raise_image_errors(errors: Sequence[str]) -> None:
 
 def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"encoder": encoder.config.to_dict(), "preprocessing": preprocessing.to_dict()}, sort_keys=True).encode())
+    described: dict = {"encoder": encoder.config.to_dict(), "preprocessing": preprocessing.to_dict()}
+    if preprocessing.resize == "crop":  # JPEGs are decoded at draft_size, which crop raised from image_size
+        described["draft_size"] = preprocessing.draft_size
+    digest.update(json.dumps(described, sort_keys=True).encode())
     for path in paths:
         try:
             stat = path.stat()

@@ -70,10 +70,9 @@ def encoder_view(image: Image.Image, preprocessing: "Preprocessing") -> Image.Im
     """
     if preprocessing.resize != "crop":
         return image
-    width, height = image.size
-    side = max(1, round(min(width, height) * preprocessing.image_size / (preprocessing.image_size + preprocessing.crop_padding)))
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
+    left, top, right, bottom = preprocessing.crop_box(*image.size)
+    width, height = round(right - left), round(bottom - top)
+    return image.crop((round(left), round(top), round(left) + width, round(top) + height))
 
 
 def figure_grid(panels: int, columns: int = 5) -> tuple[int, int]:
