@@ -158,3 +158,38 @@ def test_attention_names_are_distinct_and_stable():
     names = attention_names(paths)
     assert [names[p] for p in paths] == ["a.png", "a-2.png", "a-3.png", "A-4.png", "a-2-2.png", "dog.png"]
     assert len({n.lower() for n in names.values()}) == len(paths)
+
+
+def test_an_unwritable_json_path_is_refused_before_any_captioning(models, photos, tmp_path):
+    folder, _ = photos
+    (tmp_path / "afile").write_text("a file, not a folder")
+    result = run(folder, "--model", models["attention"], "--json", tmp_path / "afile" / "out.jsonl")
+    assert_one_line_error(result, "cannot write --json", "out.jsonl")
+    assert result.stdout == ""  # nothing was captioned
+
+
+def test_an_interrupted_run_keeps_the_captions_made_so_far(models, tmp_path):
+    import signal
+
+    images = [write_image(tmp_path / "many" / f"{n:03d}.png", n) for n in range(40)]
+    out = tmp_path / "captions.jsonl"
+    out.write_text('{"earlier": "run"}\n')
+    command = [sys.executable, "-m", "captioner", "caption", str(images[0].parent), "--model", str(models["attention"]), "--batch-size", "1", "--json", str(out), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [process.stdout.readline(), process.stdout.readline()]  # the second batch has begun: the first is written
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and all(lines), (lines, stderr)
+    assert out.read_text() == '{"earlier": "run"}\n'  # the earlier output is untouched
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl.partial").read_text().splitlines()]
+    assert 1 <= len(records) < 40 and records[0]["source"] == str(images[0])
+    assert "captions made before the run stopped are in" in stderr and "Traceback" not in stderr
+
+
+def test_a_glob_picks_image_files_as_a_folder_does(models, photos):
+    folder, good = photos
+    (folder / "sub").mkdir()
+    by_glob = run(str(folder / "*"), "--model", models["attention"], "--beam", 1, "--max-length", 3)
+    by_folder = run(folder, "--model", models["attention"], "--beam", 1, "--max-length", 3)
+    assert by_glob.returncode == by_folder.returncode == 1  # notes.jpg and empty.jpg, in both
+    assert by_glob.stdout == by_folder.stdout and "readme.txt" not in by_glob.stderr and "sub" not in by_glob.stderr

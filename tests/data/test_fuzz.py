@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import tempfile
 import unicodedata
 from collections import Counter

@@ -200,6 +200,7 @@ def test_list_images(tmp_path):
     (tmp_path / "sub").mkdir()
     assert [p.name for p in list_images([tmp_path])] == ["a.PNG", "b.jpg"]
     assert [p.name for p in list_images([str(tmp_path / "*.jpg")])] == ["b.jpg"]
+    assert [p.name for p in list_images([str(tmp_path / "*")])] == ["a.PNG", "b.jpg"]  # a glob picks images, as a folder does
     assert [p.name for p in list_images([tmp_path / "missing.jpg"])] == ["missing.jpg"]
 
 

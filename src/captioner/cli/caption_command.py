@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from captioner.errors import CaptionerError, ConfigError
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
     from captioner.models.captioner import Captioner, CaptionResult
@@ -60,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
     parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
     parser.add_argument("--length-penalty", type=float, default=0.0, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default 0)")
-    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (written when the run ends)")
+    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (FILE.partial until the run ends)")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
@@ -166,10 +165,40 @@ def json_record(result: "CaptionResult", figure: Path | None) -> dict[str, Any]:
     return record
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-    from captioner.atomic import write_text_atomic
+class JsonLinesOutput:
+    """``--json FILE``: each batch's records are appended to ``FILE.partial`` and flushed as they are
+    made; when the run ends the file is renamed to ``FILE`` in one step. A run that stops early
+    (Ctrl-C, a full disk) leaves every caption made so far in ``FILE.partial`` and any earlier
+    ``FILE`` untouched. Opening it checks the path before any image is captioned."""
 
-    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.written = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.partial, "w", encoding="utf-8")
+        except OSError as error:
+            raise CaptionerError(f"cannot write --json {path}: {error.strerror or error}") from None
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        self.handle.flush()
+        self.written += len(records)
+
+    def finish(self) -> None:
+        self.handle.close()
+        with open(self.partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.partial, self.path)
+
+    def abandon(self) -> str | None:
+        """Close after a failure: a note on where the captions made so far are (None: there were none)."""
+        self.handle.close()
+        if not self.written:
+            self.partial.unlink(missing_ok=True)
+            return None
+        return f"the {self.written} captions made before the run stopped are in {self.partial}"
 
 
 @dataclass
@@ -193,12 +222,6 @@ class Console:
 
 
 # ----- the run ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    failed: int = 0
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> list[tuple[Path, "Image.Image"]]:
@@ -257,7 +280,24 @@ def run(args: argparse.Namespace) -> int:
     check_options(args)
     paths, empty = expand_inputs(args.images)
     refuse_if_nothing(args.images, paths)
+    output = JsonLinesOutput(args.json) if args.json else None
+    try:
+        failed = caption_all(args, paths, empty, output)
+    except BaseException:
+        note = output.abandon() if output else None
+        if note:
+            print(f"{PREFIX}: {note}", file=sys.stderr)
+        raise
+    if output:
+        output.finish()
+    if failed:
+        print(f"{PREFIX}: {failed} of {len(paths) + len(empty)} inputs could not be captioned", file=sys.stderr)
+        return 1
+    return 0
 
+
+def caption_all(args: argparse.Namespace, paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
+    """Caption every image, writing lines (and JSON records) batch by batch; returns how many failed."""
     from tqdm import tqdm
 
     from captioner.device import resolve_device
@@ -276,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         attention_folder.mkdir(parents=True, exist_ok=True)
     names = attention_names(paths) if attention_folder is not None else {}
 
-    outcome = Outcome(failed=len(empty))
+    failed = len(empty)
     with tqdm(
         total=len(paths), unit="img", desc="captioning", leave=False, file=sys.stderr,
         disable=True if args.quiet or len(paths) < PROGRESS_MIN_IMAGES else None,
@@ -284,19 +324,15 @@ def run(args: argparse.Namespace) -> int:
         console.bar = bar
         for chunk in chunks(paths, args.batch_size):
             loaded = read_chunk(chunk, model.preprocessing.draft_size, console.err)
-            outcome.failed += len(chunk) - len(loaded)
+            failed += len(chunk) - len(loaded)
+            records = []
             for (path, image), result in zip(loaded, caption_images(model, loaded, args)):
                 figure = write_attention(attention_folder, names[path], image, result, model) if attention_folder else None
                 for line in caption_lines(result.source, result, args.n_best):
                     console.out(line)
-                outcome.records.append(json_record(result, figure))
+                records.append(json_record(result, figure))
+            if output:
+                output.write(records)
             bar.update(len(chunk))
         console.bar = None
-
-    if args.json:
-        write_jsonl(args.json, outcome.records)
-    if outcome.failed:
-        total = len(paths) + len(empty)
-        console.err(f"{outcome.failed} of {total} inputs could not be captioned")
-        return 1
-    return 0
+    return failed

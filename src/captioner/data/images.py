@@ -259,8 +259,8 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
         path = Path(entry)
         if path.is_dir():
             found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        elif not path.exists() and any(ch in str(entry) for ch in "*?["):
-            found.extend(sorted(Path(p) for p in glob.glob(str(entry), recursive=True)))
+        elif not path.exists() and any(ch in str(entry) for ch in "*?["):  # a glob picks image files, as a folder does
+            found.extend(sorted(p for p in map(Path, glob.glob(str(entry), recursive=True)) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         else:
             found.append(path)
     return found
