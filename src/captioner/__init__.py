@@ -4,8 +4,9 @@ A pretrained CNN encodes the image; an LSTM decoder, with or without soft attent
 caption ("Show and Tell", Vinyals et al. 2015; "Show, Attend and Tell", Xu et al. 2015).
 
 >>> from captioner import Captioner
->>> model = Captioner.load("runs/shapes/best")        # doctest: +SKIP
->>> model.caption("photo.jpg", beam_size=5).text      # doctest: +SKIP
+>>> model = Captioner.load("default")                 # the model that ships inside the package
+>>> model.caption("examples/dog.jpg", beam_size=5).text
+'a black dog is playing in the grass'
 """
 
 from __future__ import annotations

@@ -62,3 +62,14 @@ def test_a_large_jpeg_gets_the_same_caption_through_python_the_command_line_and_
     for other_text, other_score in [(record["caption"], record["score"]), (served.text, served.score)]:
         assert other_text == python.text
         assert other_score == pytest.approx(python.score, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"batch_size": 0}, "batch_size must be"), ({"max_length": 0}, "max_length must be"), ({"n_best": 0}, "n_best must be"), ({"beam_size": 2.5}, "beam_size must be")],
+)
+def test_python_api_settings_are_checked(model, settings, message):
+    from captioner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        model.caption(EXAMPLES / "dog.jpg", **settings)

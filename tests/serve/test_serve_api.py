@@ -268,6 +268,8 @@ def test_an_empty_file_is_refused(client) -> None:
         ({"n_best": 0}, "n_best"),
         ({"n_best": 11}, "n_best"),
         ({"n_best": "2.5"}, "n_best"),
+        ({"beam_size": "1_0"}, "beam_size"),  # Python's int() reads these as 10 and 3
+        ({"n_best": "\u0663"}, "n_best"),
     ],
 )
 def test_bad_settings_are_refused(client, params: dict, fragment: str) -> None:

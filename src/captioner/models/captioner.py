@@ -98,9 +98,9 @@ class Captioner(nn.Module):
     """An image captioning model: ``features = encode(images)``, then the decoder writes words.
 
     >>> from captioner import Captioner
-    >>> model = Captioner.load("runs/shapes/best")            # doctest: +SKIP
-    >>> model.caption("photo.jpg", beam_size=5).text          # doctest: +SKIP
-    'a dog runs on the grass'
+    >>> model = Captioner.load("default")                     # or a checkpoint folder
+    >>> model.caption("examples/dog.jpg", beam_size=5).text
+    'a black dog is playing in the grass'
     """
 
     def __init__(self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True) -> None:
@@ -160,14 +160,19 @@ class Captioner(nn.Module):
         ``strategy="sample"``, ``temperature``, ...) pass through as keywords.
 
         >>> from captioner import Captioner
-        >>> model = Captioner.load("default")                              # doctest: +SKIP
-        >>> result = model.caption("examples/dog.jpg", beam_size=5, n_best=3)  # doctest: +SKIP
-        >>> result.text, [r.text for r in result.n_best]                   # doctest: +SKIP
-        ('a dog runs through the grass', ['a dog runs through the grass', ...])
+        >>> model = Captioner.load("default")
+        >>> result = model.caption("examples/dog.jpg", beam_size=5, n_best=3)
+        >>> [r.text for r in result.n_best]
+        ['a black dog is playing in the grass', 'a black dog is jumping in the grass', 'a black dog is running in the grass']
+        >>> result.attention.shape  # (words, grid height, grid width): where each word looked
+        (8, 9, 9)
         """
         from captioner.data.images import load_image
         from captioner.decoding import GenerationConfig, generate
 
+        for name, value in (("beam_size", beam_size), ("n_best", n_best), ("batch_size", batch_size), ("max_length", max_length)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         strategy = generation.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
@@ -175,7 +180,7 @@ class Captioner(nn.Module):
             strategy=strategy,
             beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size,
             num_return=n_best,
-            max_length=max_length or self.config.max_length,
+            max_length=self.config.max_length if max_length is None else max_length,
             length_penalty=length_penalty,
             **generation,
         )

@@ -1,10 +1,13 @@
 """``captioner serve``: a web demo and JSON API for a captioning model, with dynamic batching.
 
+>>> import httpx
 >>> from captioner import Captioner
 >>> from captioner.serve import BackgroundServer, ServeConfig, create_app
->>> app = create_app(Captioner.load("runs/shapes/best"), ServeConfig(beam_size=3))   # doctest: +SKIP
->>> with BackgroundServer(app) as server:                                          # doctest: +SKIP
-...     print(server.url)
+>>> app = create_app(Captioner.load("default"), ServeConfig(beam_size=3))
+>>> with BackgroundServer(app) as server:  # on 127.0.0.1, a free port
+...     answer = httpx.post(server.url + "api/caption", files={"image": open("examples/dog.jpg", "rb")}).json()
+>>> answer["caption"]
+'a black dog is playing in the grass'
 
 Modules: ``config`` (settings), ``batching`` (the dynamic batcher), ``captioning`` (uploads, the model
 runner, the JSON answer), ``middleware`` (the request body's size and time limits, internal errors as

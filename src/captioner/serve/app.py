@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -254,10 +255,9 @@ def decode_settings(query: Mapping[str, str], fields: Mapping[str, str], config:
 def bounded_int(name: str, raw: str | None, default: int, top: int) -> int:
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ApiError(422, f"{name} must be a whole number from 1 to {top}, not {one_line(raw)[:20]!r}") from None
+    if not re.fullmatch(r"\d{1,9}", raw.strip(), re.ASCII):  # int() would also take "1_0" and "٣"
+        raise ApiError(422, f"{name} must be a whole number from 1 to {top}, not {one_line(raw)[:20]!r}")
+    value = int(raw.strip())
     if not 1 <= value <= top:
         raise ApiError(422, f"{name} must be from 1 to {top}, not {value}")
     return value

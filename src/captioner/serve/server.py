@@ -235,8 +235,10 @@ class AnnouncingServer(uvicorn.Server):
 class BackgroundServer:
     """Serve an ASGI app from a thread; ``url`` is its address once entered.
 
-    >>> with BackgroundServer(app) as server:          # doctest: +SKIP
-    ...     httpx.get(server.url + "healthz").json()
+    >>> from captioner.serve import create_app
+    >>> with BackgroundServer(create_app(Captioner.load("default"))) as server:
+    ...     httpx.get(server.url + "healthz").json()["model"]["vocab_size"]
+    2538
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, start_timeout: float = 30.0) -> None:
