@@ -54,3 +54,19 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused(shapes_prepared, tm
     assert 0 < record["train_loss"] < 10 and record["val_CIDEr-D"] > 0
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         train(shapes_train_config(shapes_prepared, tmp_path / "fp16", epochs=1, amp="fp16"))
+
+
+def test_train_command_smoke_run_and_resume_with_settings_equal_to_the_defaults(shapes_prepared, tmp_path):
+    # a max_steps smoke run that stops before any validation succeeds (exit 0); on resume, a setting
+    # given on the command line counts even when it equals the default (epochs 20, patience 5)
+    import json
+
+    from captioner.cli.main import main
+
+    out = tmp_path / "run"
+    small = ["--set", "decoder.hidden_dim=32", "--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16", "--set", "workers=0"]
+    assert main(["train", "--data", str(shapes_prepared), "--out", str(out), "--epochs", "3", "--set", "patience=0", "--set", "max_steps=3", "--quiet", *small]) == 0
+    assert json.loads((out / "train_config.json").read_text())["epochs"] == 3
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "20", "--set", "patience=5", "--set", "max_steps=5", "--quiet"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["epochs"], saved["patience"], saved["decoder"]["hidden_dim"]) == (20, 5, 32)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from captioner.cli.main import main
 from captioner.training.loop import TrainingError, train
+from captioner.training.state import load_state
 from conftest import shapes_train_config
 
 pytestmark = pytest.mark.slow
@@ -76,10 +77,31 @@ def run_killed(config, fault: str) -> subprocess.CompletedProcess:
             return original_forward(self, *args, **kwargs)
 
         loop.TrainingStep.forward = forward
+        import torch
+        original_step = torch.optim.Adam.step
+
+        def step(self, *args, **kwargs):
+            result = original_step(self, *args, **kwargs)
+            if fault == "ctrl-c-after-update" and steps[0] == 29:  # the weights moved; the counters not yet
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        torch.optim.Adam.step = step
         loop.train(TrainConfig.from_dict(json.loads(sys.argv[1])))
         """
     )
     return subprocess.run([sys.executable, "-c", driver, json.dumps(config.to_dict())], capture_output=True, text=True, timeout=600)
+
+
+def test_ctrl_c_right_after_an_update_then_resume_equals_the_uninterrupted_run(shapes_prepared, straight, tmp_path):
+    # Ctrl-C lands between the optimiser's update and the step counters: the interrupted run saves
+    # last/ on the way out, and it must not claim one step fewer than its weights have taken
+    config = shapes_train_config(shapes_prepared, tmp_path / "run", **SETTINGS)
+    interrupted = run_killed(config, "ctrl-c-after-update")
+    assert interrupted.returncode != 0 and "KeyboardInterrupt" in interrupted.stderr, interrupted.stderr[-2000:]
+    assert load_state(tmp_path / "run" / "last")["run"]["global_step"] == 29, "the interrupted step is counted"
+    train(shapes_train_config(shapes_prepared, tmp_path / "run", **SETTINGS), resume=True)
+    assert_same_weights(straight / "last", tmp_path / "run" / "last")
 
 
 @pytest.mark.parametrize("fault", ["mid-epoch", "during-write"])

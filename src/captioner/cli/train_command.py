@@ -67,16 +67,16 @@ def resolve_config(args: argparse.Namespace):
     if args.quiet:
         values["progress"] = False
     values = apply_overrides(values, args.overrides)
-    return TrainConfig.from_dict(values, source=args.config or "settings")
+    return TrainConfig.from_dict(values, source=args.config or "settings"), set(values)
 
 
 def run(args: argparse.Namespace) -> int:
     from captioner.training.loop import train
 
-    config = resolve_config(args)
+    config, given = resolve_config(args)
     if args.resume and not args.out and not args.config:
         from captioner.errors import ConfigError
 
         raise ConfigError("--resume needs --out (the run folder to continue)")
-    state = train(config, resume=args.resume, overwrite=args.overwrite)
-    return 0 if state.best_score is not None else 1
+    train(config, resume=args.resume, overwrite=args.overwrite, given=given)
+    return 0

@@ -9,13 +9,17 @@ the same weights as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -155,6 +159,22 @@ def scheduled_sampling_forward(decoder, features, captions, lengths, seq_per_img
 # ----- epochs -----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) inside the block takes effect when the block ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, to whatever handled it before
+
+
 def train_one_epoch(
     step_module: nn.Module,
     model: Captioner,
@@ -205,9 +225,8 @@ def train_one_epoch(
                     f"the loss became {float(loss.detach()):.4g} at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}; "
                     f"the last good checkpoint is in {config.out}/last (try a lower learning rate, or --set nan_policy=skip)"
                 )
-            state.skipped_steps += 1
-            if state.skipped_steps > 100 and state.skipped_steps > state.global_step // 10:
-                raise TrainingError(f"{state.skipped_steps} steps had a non-finite loss; stopping (last good checkpoint: {config.out}/last)")
+            if state.skipped_steps + 1 > 100 and state.skipped_steps + 1 > state.global_step // 10:
+                raise TrainingError(f"{state.skipped_steps + 1} steps had a non-finite loss; stopping (last good checkpoint: {config.out}/last)")
         else:
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -216,19 +235,25 @@ def train_one_epoch(
                 loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+        # The update and the counters that record it happen together or not at all: a Ctrl-C in
+        # between would save updated weights with the step not counted, and resume would repeat it.
+        with interrupts_deferred():
+            if all_finite:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                schedule.after_step()
+                for key in sums:
+                    sums[key] += float(outputs[key].detach())
+                count += 1
             else:
-                optimizer.step()
-            schedule.after_step()
-            for key in sums:
-                sums[key] += float(outputs[key].detach())
-            count += 1
-        # captions the step learnt from: the references, or in self-critical steps the sampled ones
-        captions_seen += len(batch.positions) * config.self_critical_samples if self_critical else len(captions)
-        state.step_in_epoch += 1
-        state.global_step += 1
+                state.skipped_steps += 1
+            # captions the step learnt from: the references, or in self-critical steps the sampled ones
+            captions_seen += len(batch.positions) * config.self_critical_samples if self_critical else len(captions)
+            state.step_in_epoch += 1
+            state.global_step += 1
         elapsed = time.perf_counter() - start
         shown = {"reward": f"{sums['reward'] / max(count, 1):.3f}"} if self_critical else {}
         bar.set_postfix(loss=f"{sums['loss'] / max(count, 1):.3f}", **shown, caps_per_s=f"{captions_seen * dist_info.world_size / max(elapsed, 1e-9):.0f}")
@@ -300,16 +325,20 @@ def scheduled_sampling_probability(config: TrainConfig, epoch: int) -> float:
     return min(config.scheduled_sampling_max, rises * config.scheduled_sampling_increase + config.scheduled_sampling_increase)
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> RunState:
-    """Run (or resume) a training run described by ``config``; returns the final run state."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, given: Iterable[str] | None = None) -> RunState:
+    """Run (or resume) a training run described by ``config``; returns the final run state.
+
+    When resuming, the settings in ``RESUMABLE_SETTINGS`` that ``given`` names (those the user set
+    for this invocation; by default, those that differ from the defaults) replace the run's own.
+    """
     dist_info, device = setup(config.device, config.distributed_timeout_minutes)
     try:
-        return _train(config, resume=resume, overwrite=overwrite, dist_info=dist_info, device=device)
+        return _train(config, resume=resume, overwrite=overwrite, given=given, dist_info=dist_info, device=device)
     finally:
         cleanup(dist_info)
 
 
-def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Distributed, device: torch.device) -> RunState:
+def _train(config: TrainConfig, *, resume: bool, overwrite: bool, given: Iterable[str] | None, dist_info: Distributed, device: torch.device) -> RunState:
     out = Path(config.out)
     log = print if dist_info.is_main else (lambda *args, **kwargs: None)
     if not config.data and not resume:
@@ -317,7 +346,7 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
     resume_from = _prepare_run_folder(out, resume=resume, overwrite=overwrite, dist_info=dist_info)
     if resume_from is not None:
         saved = json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8"))
-        config = _resumed_config(saved, config)
+        config = _resumed_config(saved, config, given)
     dataset = PreparedDataset(config.data, image_root=config.images)
     if not dataset.split_images("train"):
         raise ConfigError(f"{config.data} has no training images")
@@ -368,8 +397,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, dist_info: Dis
         # --epochs / --set patience may have been raised for the resumed run: it is finished only by them.
         state.finished = state.epoch >= config.epochs or _out_of_patience(config, state)
         log(f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it (global step {state.global_step})")
-    elif dist_info.is_main:
-        config.save(out / TRAIN_CONFIG)
+    if dist_info.is_main:
+        config.save(out / TRAIN_CONFIG)  # a resumed run's too: it may have been given more epochs
 
     if state.finished:
         log(f"{out} already finished (best epoch {state.best_epoch + 1}, {config.early_stopping_metric} {state.best_score}); nothing to do")
@@ -639,20 +668,21 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, dist_info: 
 
 #: Settings of this invocation, not of the run: a resumed run always takes them as given now.
 INVOCATION_SETTINGS = ("out", "progress", "workers", "device", "max_steps")
-#: Settings a resumed run may change where they are given (differ from the default); everything
-#: else (model, optimiser, data order) is the run's own.
-RESUMABLE_SETTINGS = ("epochs", "patience", "save_every_steps", "images", "data", "feature_cache")
+#: Settings a resumed run may change where they are given; everything else (model, optimiser, data
+#: order) is the run's own.
+RESUMABLE_SETTINGS = ("epochs", "patience", "save_every_steps", "images", "data", "feature_cache", "distributed_timeout_minutes")
 
 
-def _resumed_config(saved: dict[str, Any], given: TrainConfig) -> TrainConfig:
-    """The run's own config, with this invocation's settings and the resumable ones ``given`` sets."""
+def _resumed_config(saved: dict[str, Any], invocation: TrainConfig, given: Iterable[str] | None) -> TrainConfig:
+    """The run's own config, with this invocation's settings and the resumable ones it gives."""
     config = TrainConfig.from_dict(saved, source=TRAIN_CONFIG)
     defaults = TrainConfig()
+    named = set(given) if given is not None else {name for name in RESUMABLE_SETTINGS if getattr(invocation, name) != getattr(defaults, name)}
     for name in INVOCATION_SETTINGS:
-        setattr(config, name, getattr(given, name))
+        setattr(config, name, getattr(invocation, name))
     for name in RESUMABLE_SETTINGS:
-        if getattr(given, name) != getattr(defaults, name):
-            setattr(config, name, getattr(given, name))
+        if name in named:
+            setattr(config, name, getattr(invocation, name))
     config.validate()
     return config
 
