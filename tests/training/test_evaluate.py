@@ -1,8 +1,10 @@
 """captioner evaluate on a model trained on the shapes set: files, table, several beams, METEOR."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,14 @@ from conftest import shapes_train_config
 
 @pytest.fixture(scope="module")
 def trained_run(shapes_prepared, tmp_path_factory):
+    """Trained with the data named by a path relative to where training ran (not where evaluate runs)."""
     out = tmp_path_factory.mktemp("evaluate") / "run"
-    train(shapes_train_config(shapes_prepared, out, epochs=4, decoder={"kind": "show_tell"}))
+    here = os.getcwd()
+    os.chdir(shapes_prepared.parent)
+    try:
+        train(shapes_train_config(Path(shapes_prepared.name), out, epochs=4, decoder={"kind": "show_tell"}))
+    finally:
+        os.chdir(here)
     return out
 
 

@@ -17,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -347,6 +347,8 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, given: Iterabl
     if resume_from is not None:
         saved = json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8"))
         config = _resumed_config(saved, config, given)
+    else:  # checkpoints say where their data is from any folder (captioner evaluate finds it)
+        config = replace(config, data=str(Path(config.data).resolve()))
     dataset = PreparedDataset(config.data, image_root=config.images)
     if not dataset.split_images("train"):
         raise ConfigError(f"{config.data} has no training images")
