@@ -52,3 +52,17 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(shapes_prepared, tmp
     with pytest.raises(CaptionerError, match="is not a training run .*no train_config.json.*refusing"):
         train(config, overwrite=True)
     assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_images_in_worker_processes_resumes_exactly(shapes_prepared, tmp_path):
+    # the encoder trains, so batches are decoded from images by 2 loader processes; resume mid-epoch
+    # must still end with the straight run's weights (the loader never draws on the global RNG)
+    settings = dict(epochs=1, fine_tune_encoder=1, workers=2, batch_size=32, val_max_images=4, decoder={"hidden_dim": 32, "embed_dim": 16, "attention_dim": 16})
+    train(shapes_train_config(shapes_prepared, tmp_path / "straight", **settings))
+    train(shapes_train_config(shapes_prepared, tmp_path / "broken", max_steps=4, **settings))
+    train(shapes_train_config(shapes_prepared, tmp_path / "broken", **settings), resume=True)
+    straight, resumed = weights(tmp_path / "straight" / "last"), weights(tmp_path / "broken" / "last")
+    assert any(name.startswith("encoder.") for name in straight) and straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name

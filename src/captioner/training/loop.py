@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.atomic import check_replaceable
@@ -44,6 +45,8 @@ from captioner.training.state import STATE_JSON, dump_state, load_state, rng_sta
 
 VALIDATION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 TRAIN_CONFIG = "train_config.json"
+#: Batches -> (batch, its inputs): cached features (N, P, D) or images (N, 3, S, S), in batch order.
+InputLoader = Callable[[list[Batch]], Iterator[tuple[Batch, torch.Tensor]]]
 
 
 class TrainingError(CaptionerError):
@@ -179,7 +182,7 @@ def train_one_epoch(
     step_module: nn.Module,
     model: Captioner,
     batches: list[Batch],
-    load_inputs: Callable[[Batch], torch.Tensor],
+    load_inputs: "InputLoader",
     optimizer: torch.optim.Optimizer,
     schedule: LearningRateSchedule,
     scaler: torch.amp.GradScaler | None,
@@ -208,8 +211,8 @@ def train_one_epoch(
         leave=False,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for batch in batches:
-        inputs = load_inputs(batch).to(device, non_blocking=True)
+    for batch, inputs in load_inputs(batches):
+        inputs = inputs.to(device, non_blocking=True)
         captions, lengths = batch.captions.to(device), batch.lengths.to(device)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs = step_module(
@@ -268,12 +271,12 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def validation_loss(step_module: nn.Module, batches: list[Batch], load_inputs, config: TrainConfig, device: torch.device) -> float:
+def validation_loss(step_module: nn.Module, batches: list[Batch], load_inputs: "InputLoader", config: TrainConfig, device: torch.device) -> float:
     """Teacher-forced cross-entropy on the validation captions (a curve to watch, not what we select on)."""
     step_module.eval()
     total = tokens = 0.0
-    for batch in batches:
-        inputs = load_inputs(batch).to(device)
+    for batch, inputs in load_inputs(batches):
+        inputs = inputs.to(device)
         outputs = step_module(inputs, batch.captions.to(device), batch.lengths.to(device), config.seq_per_img)
         total += float(outputs["cross_entropy"]) * float(outputs["tokens"])
         tokens += float(outputs["tokens"])
@@ -425,17 +428,32 @@ def _train(config: TrainConfig, *, resume: bool, overwrite: bool, given: Iterabl
     train_paths = [dataset.image_path(i) for i in dataset.split_images("train")]
     val_paths = [dataset.image_path(i) for i in dataset.split_images("val")]
 
-    def loader_for(features: np.ndarray | None, paths: list[Path], fine_tuning: bool) -> Callable[[Batch], torch.Tensor]:
+    def loader_for(features: np.ndarray | None, paths: list[Path], fine_tuning: bool) -> InputLoader:
         if features is not None and not fine_tuning:
-            return lambda batch: torch.from_numpy(np.asarray(features[batch.positions], dtype=np.float32))  # (N, P, D)
+
+            def from_cache(batches: list[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+                for batch in batches:
+                    yield batch, torch.from_numpy(np.asarray(features[batch.positions], dtype=np.float32))  # (N, P, D)
+
+            return from_cache
         files = ImageFiles(paths, model.preprocessing)
 
-        def load(batch: Batch) -> torch.Tensor:
-            items = [files[position] for position in batch.positions]
-            raise_image_errors([error for _, error in items])
-            return torch.stack([tensor for tensor, _ in items])  # (N, 3, S, S)
+        def from_images(batches: list[Batch]) -> Iterator[tuple[Batch, torch.Tensor]]:
+            # Images are decoded in `workers` processes, in batch order, while the model trains on the
+            # batch before. The loader's own generator keeps it from drawing on the global random
+            # stream, which resume restores exactly.
+            loader = DataLoader(
+                files,
+                batch_sampler=[[int(p) for p in batch.positions] for batch in batches],
+                num_workers=config.workers,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(0),
+            )
+            for batch, (images, errors) in zip(batches, loader):
+                raise_image_errors(errors)
+                yield batch, images  # (N, 3, S, S)
 
-        return load
+        return from_images
 
     train_captions = dataset.captions("train")
     train_batches = CaptionBatches(
