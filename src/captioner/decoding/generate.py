@@ -259,24 +259,28 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
         if t == config.max_length:
             # No room for another word. Each live beam gives one hypothesis: finished if <end> is its
             # most likely next token (as greedy decides), otherwise unfinished at max_length.
-            ends_here = log_probs.argmax(dim=1) == vocab.end_id  # (B*k,)
-            for image in range(batch):
-                for beam in range(k):
-                    row = image * k + beam
-                    if done[image] or not math.isfinite(float(scores[image, beam])):
-                        continue
-                    row_attention = attention[row] if keep_attention else None
-                    if bool(ends_here[row]):
-                        add(image, float(scores[image, beam] + log_probs[row, vocab.end_id]), history[row].tolist(), row_attention, True)
-                    else:
-                        add(image, float(scores[image, beam]), history[row].tolist(), row_attention, False)
+            ends_here = (log_probs.argmax(dim=1) == vocab.end_id).tolist()  # (B*k,)
+            end_log_probs = log_probs[:, vocab.end_id].tolist()
+            beam_scores, words = scores.view(-1).tolist(), history.tolist()  # one copy from the device, not one per beam
+            for row in range(batch * k):
+                image = row // k
+                if done[image] or not math.isfinite(beam_scores[row]):
+                    continue
+                row_attention = attention[row] if keep_attention else None
+                if ends_here[row]:
+                    add(image, beam_scores[row] + end_log_probs[row], words[row], row_attention, True)
+                else:
+                    add(image, beam_scores[row], words[row], row_attention, False)
             break
         # Extensions by <end> within the top k of their image finish a hypothesis.
         finishing = is_end & (torch.arange(top_scores.shape[1], device=device) < k) & torch.isfinite(top_scores)
-        for image, position in finishing.nonzero().tolist():
-            if not done[image]:
-                row = image * k + int(origin[image, position])
-                add(image, float(top_scores[image, position]), history[row].tolist(), attention[row] if keep_attention else None, True)
+        finished_at = finishing.nonzero().tolist()
+        if finished_at:
+            finished_scores, finished_origin = top_scores.tolist(), origin.tolist()
+            for image, position in finished_at:
+                if not done[image]:
+                    row = image * k + finished_origin[image][position]
+                    add(image, finished_scores[image][position], history[row].tolist(), attention[row] if keep_attention else None, True)
         # The k best extensions by a word become the next beams (there are always k among the 2k).
         live = ~is_end
         chosen = live & (live.cumsum(dim=1) <= k)  # (B, 2k), exactly k per image
@@ -290,10 +294,11 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
         scores = next_scores
         tokens = next_word
         # An image is done once its pool is full and no live beam can still beat the pool's worst.
+        best_lives = scores.max(dim=1).values.tolist()  # (B,), one copy from the device per step
         for image in range(batch):
             if done[image] or len(pools[image]) < k:
                 continue
-            best_live = float(scores[image].max())
+            best_live = best_lives[image]
             # A live beam's log-probability only falls; its score is best divided by the largest
             # length penalty it can still get (lp is monotone in length, so an end decides).
             largest_penalty = max(length_penalty(t + 1, alpha), length_penalty(config.max_length + 1, alpha))
