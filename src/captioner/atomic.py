@@ -94,6 +94,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool, marker: str,
     and ``target`` is untouched.
     """
     target = Path(target)
+    recover_directory(target, marker=marker)
     check_replaceable(target, overwrite=overwrite, marker=marker, what=what)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
@@ -111,8 +112,33 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool, marker: str,
         raise
 
 
+def recover_directory(target: str | os.PathLike, *, marker: str) -> bool:
+    """Put back the previous version of ``target`` if a crash between the two renames of
+    :func:`replace_directory` left it only as ``.NAME.old-PID``; True if one was put back.
+
+    Only a complete folder (one holding ``marker``) is put back, the newest if there are several.
+    """
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    leftovers = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    complete = [path for path in leftovers if (path / marker).is_file()]
+    if not complete:
+        return False
+    try:
+        os.replace(complete[-1], target)
+    except OSError:  # another process put it back first, or the folder is read-only: leave it
+        return False
+    _fsync_directory(target.parent)
+    return True
+
+
 def replace_directory(source: Path, target: Path) -> None:
-    """Move folder ``source`` to ``target``, replacing any folder there, via two renames."""
+    """Move folder ``source`` to ``target``, replacing any folder there, via two renames.
+
+    A crash between them leaves the previous folder as ``.NAME.old-PID``: readers call
+    :func:`recover_directory` to put it back.
+    """
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

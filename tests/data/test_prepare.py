@@ -145,3 +145,11 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_prepared_one(shapes_karp
         with pytest.raises(CaptionerError, match="must be a folder of its own"):
             prepare(dataset, holds, _options(overwrite=True))
     assert shapes_karpathy.is_file() and any(dataset.image_root.iterdir())
+
+
+def test_a_crash_between_the_two_renames_of_a_replace_is_recovered(shapes_karpathy, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(read_dataset([shapes_karpathy]), out, _options())
+    out.rename(tmp_path / ".prepared.old-4242")  # the old folder moved aside, the new one not yet in place
+    assert len(PreparedDataset(out).vocab) > 4  # put back on reading
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]

@@ -186,6 +186,14 @@ def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt")), outputs(first))
 
 
+def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tmp_path):
+    model = make_model("attention", seed=1)
+    model.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old-4242")
+    assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt")), outputs(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_saving_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("keep me")

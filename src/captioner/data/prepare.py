@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from captioner.atomic import atomic_directory, check_replaceable, write_bytes_atomic
+from captioner.atomic import atomic_directory, check_replaceable, recover_directory, write_bytes_atomic
 from captioner.data.images import load_image
 from captioner.data.records import SPLITS, CaptionDataset
 from captioner.data.vocabulary import Vocabulary, tokenize
@@ -190,6 +190,7 @@ class PreparedDataset:
 
     def __init__(self, root: str | Path, *, image_root: str | Path | None = None) -> None:
         self.root = Path(root)
+        recover_directory(self.root, marker="prepared.json")  # a crash while it was being replaced
         meta_path = self.root / "prepared.json"
         if not meta_path.is_file():
             raise DatasetError(f"{self.root} is not a prepared dataset (no prepared.json); run 'captioner prepare' first")

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from captioner.atomic import atomic_directory
+from captioner.atomic import atomic_directory, recover_directory
 from captioner.data.vocabulary import Vocabulary
 from captioner.errors import CaptionerError, CheckpointError
 
@@ -89,6 +89,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def _checkpoint_folder(path: Path) -> Path:
+    recover_directory(path, marker=WEIGHTS)  # a crash while it was being replaced
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise CheckpointError(

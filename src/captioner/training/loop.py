@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.atomic import check_replaceable
+from captioner.atomic import check_replaceable, recover_directory
 from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
@@ -663,15 +663,12 @@ def _prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, dist_info: 
         if dist_info.is_main:  # checkpoints a killed process was still writing: never complete, never read
             for leftover in out.glob(".*.building"):
                 shutil.rmtree(leftover, ignore_errors=True)
+        if dist_info.is_main:  # a crash between the two renames of a checkpoint swap
+            recover_directory(last, marker=STATE_JSON)
+            recover_directory(out / "best", marker="model.safetensors")
+        dist_info.barrier()
         if not (last / STATE_JSON).is_file():
-            # a crash between the two renames of a checkpoint swap leaves the previous one as .last.old-PID
-            leftovers = sorted(out.glob(".last.old-*"), key=lambda p: p.stat().st_mtime)
-            if leftovers and (leftovers[-1] / STATE_JSON).is_file():
-                if dist_info.is_main:
-                    leftovers[-1].rename(last)
-                dist_info.barrier()
-            else:
-                raise CheckpointError(f"nothing to resume in {out}: no {last} with a training state")
+            raise CheckpointError(f"nothing to resume in {out}: no {last} with a training state")
         return last
     if out.exists() and any(out.iterdir()):
         if not overwrite:
