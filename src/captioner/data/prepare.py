@@ -180,7 +180,7 @@ def _check_images(paths: list[Path], options: PrepareOptions) -> list[tuple[str,
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
-        results = pool.map(check, paths, chunksize=64)
+        results = pool.map(check, paths)  # threads: Pillow decodes with the GIL released
         what = "checking images" if options.verify_images else "finding images"
         return list(tqdm(results, total=len(paths), desc=what, unit="img", disable=not options.progress or None, leave=False))
 
