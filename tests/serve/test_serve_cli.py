@@ -127,6 +127,9 @@ def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint) -> None:
         Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(buffer, format="PNG")
         answer = httpx.post(url + "api/caption", files={"image": ("x.png", buffer.getvalue(), "image/png")}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["n_best"]) == 2
+        broken = b"garbage where the first boundary should be\r\n"
+        refused = httpx.post(url + "api/caption", content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"}, timeout=30)
+        assert 400 <= refused.status_code < 500 and "error" in refused.json()
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -137,3 +140,4 @@ def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint) -> None:
     stderr = process.stderr.read()
     assert rc == 0, stderr
     assert "stopped" in stderr and "Traceback" not in stderr
+    assert "boundary" not in stderr.lower(), stderr  # the client's malformed upload is not logged as a server warning

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PREFIX}: press Ctrl+C to stop", flush=True)
 
     log_level = "info" if args.access_log and args.log_level in ("critical", "error", "warning") else args.log_level
+    if log_level != "debug":  # a malformed upload is the client's error, answered with a 400 JSON: not a server warning
+        logging.getLogger("python_multipart").setLevel(logging.ERROR)
     server = AnnouncingServer(uvicorn_config(app, serve_config=config, log_level=log_level, access_log=args.access_log), on_started=announce)
     try:
         server.run(sockets=[sock])
