@@ -93,6 +93,7 @@ def test_healthz_describes_the_model_and_limits(client) -> None:
     assert body["model"]["vocab_size"] == 7  # 4 special tokens + a, b, c
     assert body["model"]["encoder"] == "efficientnet_lite0"
     assert body["model"]["name"] == "test-model"
+    assert (body["model"]["decoders"], body["model"]["views"]) == (1, ["plain"])
     assert body["defaults"] == {"beam_size": 5, "n_best": 3}
     assert body["limits"]["max_upload_bytes"] == 200_000
     assert body["batching"]["max_batch"] == 16

@@ -57,3 +57,20 @@ def test_evaluate_defaults_and_errors(trained_run, tmp_path):
     ]:
         result = evaluate(*args)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.slow
+def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_line(trained_run, tmp_path):
+    made = subprocess.run(
+        [sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), str(trained_run / "last"), "--flip", "--out", str(tmp_path / "ensemble")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "2 decoder(s) x 2 view(s) (plain, flip)" in made.stdout
+    # the data comes from the members' training; the flipped view gets its own feature cache
+    result = evaluate(str(tmp_path / "ensemble"), "--split", "val", "--no-meteor", "--limit", "10", "--quiet", "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["beams"]["3"]
+    assert scores["CIDEr-D"] > 0
+    again = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert again.returncode != 0 and "needs two models, or --flip" in again.stderr and "Traceback" not in again.stderr

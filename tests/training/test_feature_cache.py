@@ -43,6 +43,20 @@ def test_cache_is_built_once_and_matches_the_encoder(encoder, tmp_path):
     assert (tmp_path / "cache" / files[1]).stat().st_mtime_ns == mtime and np.array_equal(again, features)
 
 
+def test_a_flipped_view_has_its_own_cache_of_the_mirrored_images(encoder, tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):  # not left-right symmetric: the mirrored features differ
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    preprocessing = Preprocessing(image_size=64)
+    plain = cached_features(encoder, preprocessing, paths, tmp_path / "cache", "val", workers=0, progress=False)
+    flipped = cached_features(encoder, preprocessing, paths, tmp_path / "cache", "val", workers=0, progress=False, view="flip")
+    with torch.no_grad():
+        direct = encoder(torch.stack([preprocessing(Image.open(p).convert("RGB")).flip(-1) for p in paths]))
+    assert np.allclose(flipped, direct.numpy(), atol=2e-2, rtol=1e-2) and not np.allclose(flipped, plain, atol=2e-2)
+    names = sorted(p.name for p in (tmp_path / "cache").glob("*.npy"))
+    assert len(names) == 2 and sum(name.startswith("val-flip-") for name in names) == 1
+
+
 def test_changes_build_a_new_cache(encoder, tmp_path):
     paths = images(tmp_path / "img")
     cache = tmp_path / "cache"

@@ -16,7 +16,7 @@ from captioner import __version__
 from captioner.errors import CaptionerError
 
 #: The order commands are listed in ``captioner --help``; any other ``*_command`` module follows.
-PREFERRED_ORDER = ("caption", "prepare", "train", "evaluate", "serve", "shapes")
+PREFERRED_ORDER = ("caption", "prepare", "train", "evaluate", "ensemble", "serve", "shapes")
 
 
 def command_names() -> list[str]:

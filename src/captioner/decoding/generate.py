@@ -96,6 +96,9 @@ def length_penalty(scored_tokens: int, alpha: float) -> float:
 def generate(model: "Captioner", images_or_features: torch.Tensor, config: GenerationConfig | None = None, **overrides: Any) -> list[list[Caption]]:
     """Caption a batch: images (B, 3, H, W) or encoder features (B, P, D) -> B lists of captions, best first.
 
+    For a model that reads V views of each image (an ensemble with a flipped view), features are
+    its encoder's (B, V * P, D); attention maps are over one view's P regions.
+
     ``config`` fields can be overridden by keyword, e.g. ``generate(model, x, strategy="greedy")``.
     The model is run in eval mode under ``torch.inference_mode()`` and left in the mode it was in.
     """
@@ -176,7 +179,7 @@ def _caption(model: "Captioner", tokens: list[int], log_prob: float, finished: b
 
 def _greedy(model: "Captioner", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
     decoder, vocab = model.decoder, model.vocab
-    batch, regions = features.shape[0], features.shape[1]
+    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
     state = decoder.init_state(features)
     tokens = torch.full((batch,), vocab.start_id, dtype=torch.long, device=features.device)
     history = torch.zeros(batch, 0, dtype=torch.long, device=features.device)  # (B, t)
@@ -228,7 +231,7 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
     """
     decoder, vocab = model.decoder, model.vocab
     k, alpha = config.beam_size, config.length_penalty
-    batch, regions = features.shape[0], features.shape[1]
+    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
     device = features.device
     state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))  # (B*k, ...)
     scores = features.new_full((batch, k), -math.inf)  # (B, k) log-probability of each beam
@@ -322,7 +325,7 @@ def _sample(model: "Captioner", features: torch.Tensor, config: GenerationConfig
     """num_return independent samples per image, with temperature / top-k / top-p filtering."""
     decoder, vocab = model.decoder, model.vocab
     n = config.num_return
-    batch, regions = features.shape[0], features.shape[1]
+    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
     device = features.device
     rows = batch * n
     generator = torch.Generator(device=device)

@@ -26,20 +26,28 @@ from captioner.atomic import atomic_directory, recover_directory
 from captioner.data.vocabulary import Vocabulary
 from captioner.errors import CaptionerError, CheckpointError
 
-CHECKPOINT_FORMAT = 1
+SINGLE_FORMAT = 1  # one encoder, one decoder
+ENSEMBLE_FORMAT = 2  # adds "ensemble": several decoders and/or views (captioner.models.ensemble)
+CHECKPOINT_FORMAT = ENSEMBLE_FORMAT  # the newest format this version reads
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
 
 def save_checkpoint(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any], vocab: Vocabulary, *, extra_files: dict[str, bytes] | None = None
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    vocab: Vocabulary,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    format: int = SINGLE_FORMAT,
 ) -> Path:
     """Write a checkpoint folder atomically, replacing a checkpoint already there (never another folder)."""
     path = Path(path)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     with atomic_directory(path, overwrite=True, marker=WEIGHTS, what="a checkpoint") as building:
-        save_file(tensors, str(building / WEIGHTS), metadata={"format": "captioner", "version": str(CHECKPOINT_FORMAT)})
-        (building / CONFIG).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **config}, indent=2), encoding="utf-8")
+        save_file(tensors, str(building / WEIGHTS), metadata={"format": "captioner", "version": str(format)})
+        (building / CONFIG).write_text(json.dumps({"format": format, **config}, indent=2), encoding="utf-8")
         vocab.save(building / VOCAB)
         for name, data in (extra_files or {}).items():
             (building / name).write_bytes(data)

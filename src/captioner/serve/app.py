@@ -290,5 +290,7 @@ def model_info(model: "Captioner", name: str) -> dict[str, Any]:
         "image_size": model.preprocessing.image_size,
         "resize": model.preprocessing.resize,
         "max_length": config.max_length,
+        "decoders": len(config.ensemble.decoders) if config.ensemble else 1,  # an ensemble's, averaged
+        "views": list(model.views),  # "flip": each image is also read mirrored
         "device": str(model.device),
     }

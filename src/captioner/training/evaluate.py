@@ -58,7 +58,7 @@ def evaluate_model(
     folder = resolve_model_path(model_path)
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device)
-    data = data or _trained_on(folder)
+    data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")
     dataset = PreparedDataset(data, image_root=images)
@@ -117,11 +117,15 @@ def evaluate_model(
     return EvaluationReport(out_dir, split, count, scores, seconds)
 
 
-def _trained_on(folder: Path) -> str | None:
-    config_path = folder / "train_config.json"
-    if config_path.is_file():
-        try:
-            return json.loads(config_path.read_text(encoding="utf-8")).get("data") or None
-        except json.JSONDecodeError:
+def trained_on(folder: Path) -> str | None:
+    """The prepared folder a checkpoint was trained on (an ensemble's: its first model's), if it says."""
+    try:
+        if (folder / "train_config.json").is_file():
+            data = json.loads((folder / "train_config.json").read_text(encoding="utf-8")).get("data")
+        elif (folder / "ensemble_members.json").is_file():
+            data = json.loads((folder / "ensemble_members.json").read_text(encoding="utf-8"))[0].get("trained_on")
+        else:
             return None
-    return None
+    except (ValueError, RecursionError, OSError, AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, str) and data else None

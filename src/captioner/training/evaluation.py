@@ -7,7 +7,7 @@ the encoder is the installed pretrained one (frozen); a fine-tuned encoder encod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,22 +30,43 @@ def split_features(
     workers: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> np.ndarray | None:
-    """Cached features (N, P, D) for a split, or None when the encoder's weights are not the package's."""
+) -> "np.ndarray | ViewFeatures | None":
+    """Cached features (N, P, D) for a split ((N, V*P, D) for a model of V views, see
+    :class:`ViewFeatures`), or None when the encoder's weights are not the package's."""
     if model.encoder_in_checkpoint:
         return None
     paths = [dataset.image_path(i) for i in dataset.split_images(split)]
-    return cached_features(
-        model.encoder,
-        model.preprocessing,
-        paths,
-        cache_dir or dataset.root / "features",
-        split,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        progress=progress,
-    )
+    views = [
+        cached_features(
+            model.encoder,
+            model.preprocessing,
+            paths,
+            cache_dir or dataset.root / "features",
+            split,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+            view=view,
+        )
+        for view in model.views
+    ]
+    return views[0] if len(views) == 1 else ViewFeatures(views)
+
+
+class ViewFeatures:
+    """The cached features of several views of a split, read as one array (N, V*P, D): rows are
+    sliced from each view's memory-mapped file and put side by side, as the model's encoder would."""
+
+    def __init__(self, views: Sequence[np.ndarray]) -> None:
+        self.views = list(views)
+        self.shape = (len(views[0]), sum(view.shape[1] for view in views), views[0].shape[2])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(view[rows]) for view in self.views], axis=1)
 
 
 def decode_split(

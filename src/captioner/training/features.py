@@ -32,12 +32,14 @@ class ImageFiles(Dataset):
 
     Items are ``(tensor, error)``: a worker cannot re-raise our error types faithfully, so an
     unreadable image comes back as a zero tensor and its one-line message, raised by
-    :func:`raise_image_errors` in the main process.
+    :func:`raise_image_errors` in the main process. ``view="flip"`` mirrors each image left to right
+    (as :meth:`Captioner.encode` does for an ensemble's flipped view).
     """
 
-    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing) -> None:
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, view: str = "plain") -> None:
         self.paths = list(paths)
         self.preprocessing = preprocessing
+        self.view = view
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +50,8 @@ class ImageFiles(Dataset):
         except ImageLoadError as error:
             size = self.preprocessing.image_size
             return torch.zeros(3, size, size), f"{error}; run 'captioner prepare' again to drop it"
-        return self.preprocessing(image), ""  # (3, S, S)
+        pixels = self.preprocessing(image)  # (3, S, S)
+        return (pixels.flip(-1) if self.view == "flip" else pixels), ""
 
 
 def raise_image_errors(errors: Sequence[str]) -> None:
@@ -57,11 +60,13 @@ def raise_image_errors(errors: Sequence[str]) -> None:
             raise CaptionerError(error)
 
 
-def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path]) -> str:
+def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], view: str = "plain") -> str:
     digest = hashlib.sha256()
     described: dict = {"encoder": encoder.config.to_dict(), "preprocessing": preprocessing.to_dict()}
     if preprocessing.resize == "crop":  # JPEGs are decoded at draft_size, which crop raised from image_size
         described["draft_size"] = preprocessing.draft_size
+    if view != "plain":
+        described["view"] = view
     digest.update(json.dumps(described, sort_keys=True).encode())
     for path in paths:
         try:
@@ -83,13 +88,16 @@ def cached_features(
     workers: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    view: str = "plain",
 ) -> np.ndarray:
-    """Features (N, P, D) float16 for ``paths``, memory-mapped from the cache; built first if needed."""
+    """Features (N, P, D) float16 for ``paths`` (mirrored images for ``view="flip"``), memory-mapped
+    from the cache; built first if needed."""
     cache_dir = Path(cache_dir)
-    key = cache_key(encoder, preprocessing, paths)
-    array_path = cache_dir / f"{name}-{key}.npy"
+    key = cache_key(encoder, preprocessing, paths, view)
+    label = name if view == "plain" else f"{name}-{view}"
+    array_path = cache_dir / f"{label}-{key}.npy"
     if not array_path.is_file():
-        build_cache(encoder, preprocessing, paths, array_path, batch_size=batch_size, workers=workers, device=device, progress=progress, label=name)
+        build_cache(encoder, preprocessing, paths, array_path, batch_size=batch_size, workers=workers, device=device, progress=progress, label=label, view=view)
     return np.load(array_path, mmap_mode="r")
 
 
@@ -104,6 +112,7 @@ def build_cache(
     device: torch.device | str,
     progress: bool,
     label: str,
+    view: str = "plain",
 ) -> None:
     array_path.parent.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device).eval()
@@ -112,7 +121,7 @@ def build_cache(
     shape = (len(paths), probe.shape[1], probe.shape[2])
     temp_path = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     loader = DataLoader(
-        ImageFiles(paths, preprocessing),
+        ImageFiles(paths, preprocessing, view),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
@@ -147,6 +156,7 @@ def build_cache(
                 "dtype": "float16",
                 "encoder": encoder.config.to_dict(),
                 "preprocessing": preprocessing.to_dict(),
+                "view": view,
                 "seconds": round(elapsed, 1),
                 "images_per_second": round(len(paths) / max(elapsed, 1e-9), 1),
             },

@@ -1,0 +1,58 @@
+"""``captioner ensemble``: join trained models (and a mirrored view of each image) into one model."""
+
+from __future__ import annotations
+
+import argparse
+
+MEMBERS_FILE = "ensemble_members.json"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ensemble",
+        help="join trained models into one that averages their word distributions",
+        description=(
+            "Write one checkpoint that decodes with several models at once: at every step the word distributions of\n"
+            "all of them are averaged (Vinyals et al. 2015). --flip adds each image mirrored left to right as a second\n"
+            "view (test-time augmentation: better captions, no extra weights). The models must share the vocabulary\n"
+            "and the pretrained encoder (train them on one prepared folder). The result loads, captions, evaluates\n"
+            "and serves like any checkpoint; decoding costs one decoder pass per model and view."
+        ),
+        epilog=(
+            "examples:\n"
+            "  captioner ensemble runs/a/best runs/b/best --out runs/ensemble\n"
+            "  captioner ensemble runs/a/best --flip --out runs/a-flip\n"
+            "  captioner evaluate runs/ensemble --split test --beam 3"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders (or 'default')")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
+    parser.add_argument("--flip", action="store_true", help="also read each image mirrored left to right")
+    parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from captioner.atomic import check_replaceable
+    from captioner.errors import ConfigError
+    from captioner.models.captioner import Captioner, resolve_model_path
+    from captioner.training.evaluate import trained_on
+
+    views = ("plain", "flip") if args.flip else ("plain",)
+    if len(args.models) == 1 and not args.flip:
+        raise ConfigError("an ensemble needs two models, or --flip")
+    check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
+    folders = [resolve_model_path(model) for model in args.models]
+    models = [Captioner.load(folder) for folder in folders]
+    ensemble = Captioner.ensemble(models, views=views)
+    members = [{"model": str(model), "trained_on": trained_on(folder)} for model, folder in zip(args.models, folders)]
+    ensemble.save(args.out, half=args.half, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
+    size = sum(path.stat().st_size for path in Path(args.out).iterdir()) / 1e6
+    decoders = len(ensemble.config.ensemble.decoders) if ensemble.config.ensemble else 1
+    print(f"wrote {args.out}: {decoders} decoder(s) x {len(views)} view(s) ({', '.join(views)}), {size:.1f} MB")
+    return 0
