@@ -56,7 +56,7 @@ def main() -> int:
     features = torch.from_numpy(np.asarray(features[: args.check_images], dtype=np.float32))
     settings = GenerationConfig(beam_size=3, return_attention=False)
     with tempfile.TemporaryDirectory() as scratch:  # check the half-precision model before replacing anything
-        model.save(Path(scratch) / "default", half=True, extra_files=extra)
+        model.save(Path(scratch) / "default", precision="float16", extra_files=extra)
         shipped = Captioner.load(Path(scratch) / "default")
         full = [c[0].text for c in generate(model, features, settings)]
         half = [c[0].text for c in generate(shipped, features, settings)]
@@ -64,7 +64,7 @@ def main() -> int:
     if changed > args.max_changed * len(full):
         print(f"error: float16 weights change {changed} of {len(full)} validation captions; not shipped", file=sys.stderr)
         return 1
-    model.save(args.out, half=True, extra_files=extra)
+    model.save(args.out, precision="float16", extra_files=extra)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
     print(f"wrote {args.out} ({size:.1f} MB); float16 weights change {changed} of {len(full)} beam-3 validation captions")
     return 0

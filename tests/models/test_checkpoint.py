@@ -46,10 +46,43 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, kind):
 def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
     model = make_model("attention")
     model.save(tmp_path / "full")
-    model.save(tmp_path / "half", half=True)
+    model.save(tmp_path / "half", precision="float16")
     full, half = (tmp_path / "full" / "model.safetensors").stat().st_size, (tmp_path / "half" / "model.safetensors").stat().st_size
     assert half < 0.6 * full
     assert torch.allclose(outputs(Captioner.load(tmp_path / "half")), outputs(model), atol=1e-2)
+
+
+def test_int8_checkpoint_is_a_quarter_and_close(tmp_path):
+    model = make_model("attention", pretrained=True, embed_dim=64, hidden_dim=96, attention_dim=32)
+    model.save(tmp_path / "full")
+    model.save(tmp_path / "int8", precision="int8")
+    full, small = (tmp_path / "full" / "model.safetensors").stat().st_size, (tmp_path / "int8" / "model.safetensors").stat().st_size
+    assert small < 0.3 * full
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["format"] == 2  # older readers refuse it with one line
+    loaded = Captioner.load(tmp_path / "int8")
+    for name, weight in model.decoder.state_dict().items():  # each weight within half a quantisation step of its row
+        restored = loaded.decoder.state_dict()[name]
+        step = weight.abs().amax(dim=1, keepdim=True) / 127 if weight.dim() == 2 else weight.abs().max() / 1000
+        assert ((restored - weight).abs() <= step / 2 + 1e-6).all(), name
+    assert torch.allclose(outputs(loaded), outputs(model), atol=5e-2)
+    with pytest.raises(CaptionerError, match="precision must be one of"):
+        model.save(tmp_path / "x", precision="int4")
+
+
+def test_a_damaged_int8_checkpoint_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_model("attention", pretrained=True).save(tmp_path / "int8", precision="int8")
+    weights = tmp_path / "int8" / "model.safetensors"
+    tensors = load_file(str(weights))
+    scale = next(name for name in tensors if name.endswith(".int8_scale"))
+    save_file({name: tensor for name, tensor in tensors.items() if name != scale}, str(weights))
+    with pytest.raises(CheckpointError, match="has no .int8_scale"):
+        Captioner.load(tmp_path / "int8")
+    tensors[scale] = tensors[scale][:-1]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="does not match an int8 matrix"):
+        Captioner.load(tmp_path / "int8")
 
 
 def test_fine_tuned_or_random_encoder_is_stored(tmp_path):

@@ -29,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders (or 'default')")
     parser.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
     parser.add_argument("--flip", action="store_true", help="also read each image mirrored left to right")
-    parser.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    parser.add_argument(
+        "--precision", choices=("float32", "float16", "int8"), default="float32", help="weights as stored: float16 halves the size, int8 quarters it (default float32)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.set_defaults(run=run)
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     models = [Captioner.load(folder) for folder in folders]
     ensemble = Captioner.ensemble(models, views=views)
     members = [{"model": str(model), "trained_on": trained_on(folder)} for model, folder in zip(args.models, folders)]
-    ensemble.save(args.out, half=args.half, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
+    ensemble.save(args.out, precision=args.precision, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
     size = sum(path.stat().st_size for path in Path(args.out).iterdir()) / 1e6
     decoders = len(ensemble.config.ensemble.decoders) if ensemble.config.ensemble else 1
     print(f"wrote {args.out}: {decoders} decoder(s) x {len(views)} view(s) ({', '.join(views)}), {size:.1f} MB")

@@ -15,12 +15,13 @@ from torch import nn
 from captioner.data.images import Preprocessing
 from captioner.data.vocabulary import Vocabulary
 from captioner.errors import CheckpointError, ConfigError
-from captioner.models.checkpoint import ENSEMBLE_FORMAT, SINGLE_FORMAT, check_tensors, read_checkpoint, save_checkpoint
+from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, quantize_int8, read_checkpoint, save_checkpoint
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "default"
+PRECISIONS = ("float32", "float16", "int8")
 
 
 @dataclass
@@ -250,20 +251,26 @@ class Captioner(nn.Module):
         return CaptionResult(caption.text, caption.words, caption.score, caption.log_prob, attention, source=source)
 
     # ----- checkpoints -------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, half: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
-        """Write a checkpoint folder atomically. ``half`` stores weights as float16 (half the size)."""
+    def save(self, path: str | os.PathLike, *, precision: str = "float32", extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write a checkpoint folder atomically, its weights in ``precision``: ``float32``, ``float16``
+        (half the size) or ``int8`` (matrices with a scale per row, a quarter of the size)."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         tensors = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
         if self.encoder_in_checkpoint:
             tensors.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
-        if half:
+        if precision == "float16":
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        elif precision == "int8":
+            tensors = quantize_int8(tensors)
         config = {
             **self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "vocab_size": len(self.vocab),
             "encoder_weights": "checkpoint" if self.encoder_in_checkpoint else "package",
         }
-        format = ENSEMBLE_FORMAT if self.config.ensemble is not None else SINGLE_FORMAT  # older readers refuse ensembles with a clear line
+        extended = self.config.ensemble is not None or precision == "int8"
+        format = EXTENDED_FORMAT if extended else PLAIN_FORMAT  # older readers refuse what they cannot read, with a clear line
         return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
 
     @classmethod

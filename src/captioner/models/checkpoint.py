@@ -26,9 +26,10 @@ from captioner.atomic import atomic_directory, recover_directory
 from captioner.data.vocabulary import Vocabulary
 from captioner.errors import CaptionerError, CheckpointError
 
-SINGLE_FORMAT = 1  # one encoder, one decoder
-ENSEMBLE_FORMAT = 2  # adds "ensemble": several decoders and/or views (captioner.models.ensemble)
-CHECKPOINT_FORMAT = ENSEMBLE_FORMAT  # the newest format this version reads
+PLAIN_FORMAT = 1  # one decoder, floating-point weights
+EXTENDED_FORMAT = 2  # adds ensembles ("ensemble": several decoders and/or views) and int8 weights
+CHECKPOINT_FORMAT = EXTENDED_FORMAT  # the newest format this version reads
+INT8_SCALE = ".int8_scale"  # int8 weight W is stored with W.int8_scale: W = int8 * scale[:, None]
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
@@ -40,7 +41,7 @@ def save_checkpoint(
     vocab: Vocabulary,
     *,
     extra_files: dict[str, bytes] | None = None,
-    format: int = SINGLE_FORMAT,
+    format: int = PLAIN_FORMAT,
 ) -> Path:
     """Write a checkpoint folder atomically, replacing a checkpoint already there (never another folder)."""
     path = Path(path)
@@ -72,7 +73,39 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"checkpoint {weights} is not a valid safetensors file (corrupt or truncated?): {first_line}") from None
-    return tensors, config, vocab
+    return dequantize_int8(tensors, folder), config, vocab
+
+
+def quantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices to int8 with one float32 scale per row (symmetric, round to nearest); other floating
+    tensors (biases) to float16. A quarter of float32's size, for word and gate weights whose rows
+    span similar ranges."""
+    stored: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dim() == 2:
+            weight = tensor.float()
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (rows,)
+            stored[name] = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            stored[name + INT8_SCALE] = scale
+        else:
+            stored[name] = tensor.half() if tensor.is_floating_point() else tensor
+    return stored
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """The float32 weights of int8 ones (see :func:`quantize_int8`); other tensors as they are."""
+    result = {name: tensor for name, tensor in tensors.items() if not name.endswith(INT8_SCALE)}
+    for name, scale in tensors.items():
+        if not name.endswith(INT8_SCALE):
+            continue
+        weight = result.get(name[: -len(INT8_SCALE)])
+        if weight is None or weight.dtype != torch.int8 or weight.dim() != 2 or tuple(scale.shape) != (weight.shape[0],):
+            raise CheckpointError(f"checkpoint {folder}: {name} does not match an int8 matrix")
+        result[name[: -len(INT8_SCALE)]] = weight.float() * scale.float()[:, None]
+    unscaled = [name for name, tensor in result.items() if tensor.dtype == torch.int8]
+    if unscaled:
+        raise CheckpointError(f"checkpoint {folder}: int8 tensor {unscaled[0]} has no {INT8_SCALE}")
+    return result
 
 
 def read_config(folder: Path) -> dict[str, Any]:
