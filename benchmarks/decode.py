@@ -2,8 +2,10 @@
 
     python benchmarks/decode.py [--model default|CHECKPOINT] [--images 64] [--out benchmarks/results/decode.json]
 
-The model is the shipped default (Show-Attend-Tell trained on Flickr8k: vocabulary 2,538 words,
-embedding/hidden/attention 512, EfficientNet-Lite2 features 81 x 1280) unless --model names another.
+The model is the shipped default's first decoder (Show-Attend-Tell trained on Flickr8k: vocabulary
+2,538 words, embedding/hidden/attention 512, EfficientNet-Lite2 features 81 x 1280) on the plain
+view, unless --model names another (an ensemble is likewise reduced to its first decoder: the
+baseline is a single model).
 Its inputs are the encoder features of the photos in examples/, repeated to --images: real
 features, so captions have real lengths. Decoding starts from those features, so the numbers
 measure decoding alone (the encoder's own speed is in the README). Both sides decode with the same
@@ -27,11 +29,21 @@ from pathlib import Path
 import torch
 
 from captioner.decoding import GenerationConfig, generate
-from captioner.models.captioner import Captioner
+from captioner.models.captioner import Captioner, CaptionerConfig
 from captioner.models.decoder import select_state
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def first_decoder(model: Captioner) -> Captioner:
+    """A single model: an ensemble's first decoder on the plain view; any other model as it is."""
+    if model.config.ensemble is None:
+        return model
+    config = CaptionerConfig(model.config.encoder, model.config.ensemble.decoders[0], model.preprocessing, model.config.max_length)
+    single = Captioner(config, model.vocab)
+    single.decoder.load_state_dict(model.decoder.members[0].state_dict())
+    return single.eval()
 
 
 def example_features(model: Captioner, count: int) -> torch.Tensor:
@@ -121,7 +133,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = Captioner.load(args.model)
+    model = first_decoder(Captioner.load(args.model))
     features = example_features(model, args.images)  # (N, P, D)
 
     rows = []
