@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -346,3 +347,42 @@ def test_a_model_failure_is_a_json_500_and_the_server_recovers(tmp_path, monkeyp
         assert post_image(session, data).status_code == 200
         batching = session.get("/healthz").json()["batching"]
     assert batching["failed_batches"] == 1 and batching["batches"] == 2
+
+
+def test_requests_past_the_queue_limit_get_503_and_the_server_recovers(checkpoint, monkeypatch) -> None:
+    # a model that holds each batch until released; with max_pending=1 the third concurrent request
+    # (one running, one queued) finds the queue full
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+    from captioner.serve.captioning import ModelRunner
+
+    release = threading.Event()
+    original = ModelRunner.__call__
+
+    def held(self, settings, images):
+        release.wait(timeout=60)
+        return original(self, settings, images)
+
+    monkeypatch.setattr(ModelRunner, "__call__", held)
+    config = ServeConfig(beam_size=1, n_best=1, max_batch=1, batch_wait_ms=0, max_pending=1)
+    data = encode(picture(9), "PNG")
+    with BackgroundServer(create_app(Captioner.load(checkpoint), config)) as server, ThreadPoolExecutor(4) as pool:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            waiting = [pool.submit(post_image, client, data) for _ in range(2)]
+            time.sleep(1.0)  # both are in: one held by the model, one queued
+            deadline = time.monotonic() + 30
+            busy = None
+            while time.monotonic() < deadline:
+                answer = post_image(client, data)
+                if answer.status_code == 503:
+                    busy = answer
+                    break
+                time.sleep(0.05)
+            release.set()
+            assert busy is not None, "no request was refused while the queue was full"
+            assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
+            assert [future.result().status_code for future in waiting] == [200, 200]
+            assert post_image(client, data).status_code == 200
