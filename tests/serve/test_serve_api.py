@@ -359,10 +359,11 @@ def test_requests_past_the_queue_limit_get_503_and_the_server_recovers(checkpoin
     from captioner.serve import BackgroundServer, ServeConfig, create_app
     from captioner.serve.captioning import ModelRunner
 
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     original = ModelRunner.__call__
 
     def held(self, settings, images):
+        entered.set()
         release.wait(timeout=60)
         return original(self, settings, images)
 
@@ -371,18 +372,15 @@ def test_requests_past_the_queue_limit_get_503_and_the_server_recovers(checkpoin
     data = encode(picture(9), "PNG")
     with BackgroundServer(create_app(Captioner.load(checkpoint), config)) as server, ThreadPoolExecutor(4) as pool:
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            waiting = [pool.submit(post_image, client, data) for _ in range(2)]
-            time.sleep(1.0)  # both are in: one held by the model, one queued
-            deadline = time.monotonic() + 30
-            busy = None
-            while time.monotonic() < deadline:
-                answer = post_image(client, data)
-                if answer.status_code == 503:
-                    busy = answer
-                    break
-                time.sleep(0.05)
+            waiting = [pool.submit(post_image, client, data)]
+            assert entered.wait(timeout=30)  # the first is held by the model
+            waiting.append(pool.submit(post_image, client, data))
+            deadline = time.monotonic() + 30  # until the second is queued
+            while client.get("/healthz").json()["batching"]["pending"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            busy = post_image(client, data)
             release.set()
-            assert busy is not None, "no request was refused while the queue was full"
+            assert busy.status_code == 503, busy.text
             assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
             assert [future.result().status_code for future in waiting] == [200, 200]
             assert post_image(client, data).status_code == 200
