@@ -6,7 +6,7 @@ caption ("Show and Tell", Vinyals et al. 2015; "Show, Attend and Tell", Xu et al
 >>> from captioner import Captioner
 >>> model = Captioner.load("default")                 # the model that ships inside the package
 >>> model.caption("examples/dog.jpg", beam_size=5).text
-'a black dog is playing in the grass'
+'a black dog is running on the grass'
 """
 
 from __future__ import annotations

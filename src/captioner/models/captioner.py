@@ -107,7 +107,7 @@ class Captioner(nn.Module):
     >>> from captioner import Captioner
     >>> model = Captioner.load("default")                     # or a checkpoint folder
     >>> model.caption("examples/dog.jpg", beam_size=5).text
-    'a black dog is playing in the grass'
+    'a black dog is running on the grass'
     """
 
     def __init__(self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True) -> None:
@@ -207,7 +207,7 @@ class Captioner(nn.Module):
         >>> model = Captioner.load("default")
         >>> result = model.caption("examples/dog.jpg", beam_size=5, n_best=3)
         >>> [r.text for r in result.n_best]
-        ['a black dog is playing in the grass', 'a black dog is jumping in the grass', 'a black dog is running in the grass']
+        ['a black dog is running on the grass', 'a black dog is playing in the grass', 'a black dog is running in the grass']
         >>> result.attention.shape  # (words, grid height, grid width): where each word looked
         (8, 9, 9)
         """

@@ -7,7 +7,7 @@
 >>> with BackgroundServer(app) as server:  # on 127.0.0.1, a free port
 ...     answer = httpx.post(server.url + "api/caption", files={"image": open("examples/dog.jpg", "rb")}).json()
 >>> answer["caption"]
-'a black dog is playing in the grass'
+'a black dog is running on the grass'
 
 Modules: ``config`` (settings), ``batching`` (the dynamic batcher), ``captioning`` (uploads, the model
 runner, the JSON answer), ``middleware`` (the request body's size and time limits, internal errors as
