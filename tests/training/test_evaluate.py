@@ -74,3 +74,18 @@ def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_
     assert scores["CIDEr-D"] > 0
     again = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert again.returncode != 0 and "needs two models, or --flip" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_view_features_put_each_views_regions_side_by_side_however_they_are_read():
+    import numpy as np
+
+    from captioner.training.evaluation import ViewFeatures
+
+    plain, flip = np.arange(3 * 4 * 2).reshape(3, 4, 2), -np.arange(3 * 4 * 2).reshape(3, 4, 2)
+    both = ViewFeatures([plain, flip])
+    expected = np.concatenate([plain, flip], axis=1)  # (images, 2 * 4 regions, 2)
+    assert both.shape == (3, 8, 2) and len(both) == 3
+    assert np.array_equal(both[:], expected) and np.array_equal(both[1:3], expected[1:3])
+    assert np.array_equal(both[[2, 0]], expected[[2, 0]])
+    assert np.array_equal(both[1], expected[1])  # one image: (8, 2), not its feature vectors joined
+    assert np.array_equal(np.asarray(both), expected) and np.asarray(both, dtype=np.float32).dtype == np.float32

@@ -66,7 +66,12 @@ class ViewFeatures:
         return self.shape[0]
 
     def __getitem__(self, rows: Any) -> np.ndarray:
-        return np.concatenate([np.asarray(view[rows]) for view in self.views], axis=1)
+        """Rows (a slice or index array: (n, V*P, D)) or one row (an int: (V*P, D)), regions side by side."""
+        return np.concatenate([np.asarray(view[rows]) for view in self.views], axis=-2)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 def decode_split(
