@@ -70,7 +70,7 @@ def test_loss_uses_the_mean_of_the_other_samples_as_baseline():
         image = row // 3
         others = [reward[image * 3 + j] for j in range(3) if image * 3 + j != row]
         expected -= (r - sum(others) / 2) * float(log_probs[row][mask[row]].detach().sum())
-    assert float(loss) == pytest.approx(expected / int(mask.sum()), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected / int(mask.sum()), abs=1e-6)
     assert float(mean_reward) == pytest.approx(sum(reward) / 6)
     loss.backward()
     assert model.decoder.classifier.weight.grad is not None
