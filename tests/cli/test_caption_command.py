@@ -151,6 +151,15 @@ def test_bad_options_are_one_line_errors(models, photos):
     folder, good = photos
     assert_one_line_error(run(good[0], "--model", models["attention"], "--beam", 0), "--beam")
     assert_one_line_error(run(good[0], "--model", folder / "no_such_checkpoint"), "no_such_checkpoint")
+    assert_one_line_error(run(good[0], "--model", models["attention"], "--no-repeat-ngram", -1), "--no-repeat-ngram")
+
+
+def test_no_repeat_ngram_from_the_command_line(models, photos):
+    _, good = photos
+    result = run(good[0], "--model", models["attention"], "--beam", 3, "--max-length", 12, "--no-repeat-ngram", 1)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.split("\t")[1].split()
+    assert words and len(set(words)) == len(words)
 
 
 def test_attention_names_are_distinct_and_stable():

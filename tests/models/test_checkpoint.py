@@ -43,6 +43,25 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, kind):
     assert torch.equal(outputs(Captioner.load(tmp_path / "ckpt" / "model.safetensors")), outputs(model))
 
 
+def test_a_models_own_decoding_settings_are_stored_and_used_unless_a_call_says_otherwise(tmp_path):
+    from PIL import Image
+
+    model = make_model("attention", pretrained=True)
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    plain = model.caption(image, beam_size=3, max_length=12)
+    config = json.loads(model.save(tmp_path / "plain").joinpath("config.json").read_text())
+    assert "length_penalty" not in config and "no_repeat_ngram_size" not in config  # a plain checkpoint stays as older versions wrote it
+    model.config.length_penalty, model.config.no_repeat_ngram_size = 1.5, 1
+    loaded = Captioner.load(model.save(tmp_path / "ckpt"))
+    assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1}
+    mine = loaded.caption(image, beam_size=3, max_length=12)
+    told = loaded.caption(image, beam_size=3, max_length=12, length_penalty=1.5, no_repeat_ngram_size=1)
+    assert (mine.text, mine.score) == (told.text, told.score) and mine.score != pytest.approx(mine.log_prob)
+    assert len(set(mine.words)) == len(mine.words)  # no word twice: the model's own no-repeat rule
+    untold = loaded.caption(image, beam_size=3, max_length=12, length_penalty=0.0, no_repeat_ngram_size=0)
+    assert (untold.text, untold.score) == (plain.text, plain.score) and untold.score == pytest.approx(untold.log_prob)
+
+
 def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
     model = make_model("attention")
     model.save(tmp_path / "full")
@@ -188,6 +207,8 @@ def test_truncated_weights_missing_files_and_newer_format(tmp_path):
         (lambda c: json.dumps({**c, "encoder": "efficientnet_lite0"}), "'encoder' must be an object"),
         (lambda c: json.dumps({**c, "decoder": [1, 2]}), "'decoder' must be an object"),
         (lambda c: json.dumps({**c, "max_length": -5}), "max_length must be a positive whole number"),
+        (lambda c: json.dumps({**c, "length_penalty": "long"}), "length_penalty must be a number from 0 to 10"),
+        (lambda c: json.dumps({**c, "no_repeat_ngram_size": 2.5}), "no_repeat_ngram_size must be a whole number from 0 to 10"),
         (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "mean": [0.5]}}), "one value per RGB channel"),
     ],
 )

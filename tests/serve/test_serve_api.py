@@ -95,6 +95,7 @@ def test_healthz_describes_the_model_and_limits(client) -> None:
     assert body["model"]["encoder"] == "efficientnet_lite0"
     assert body["model"]["name"] == "test-model"
     assert (body["model"]["decoders"], body["model"]["views"]) == (1, ["plain"])
+    assert (body["model"]["length_penalty"], body["model"]["no_repeat_ngram_size"]) == (0.0, 0)
     assert body["defaults"] == {"beam_size": 5, "n_best": 3}
     assert body["limits"]["max_upload_bytes"] == 200_000
     assert body["batching"]["max_batch"] == 16
@@ -322,6 +323,25 @@ def test_a_model_without_attention_answers_null_attention(tmp_path) -> None:
         body = post_image(session, encode(picture(8), "PNG")).json()
     assert body["caption"] is not None
     assert body["attention"] is None and body["attention_shape"] is None
+
+
+def test_the_models_own_decoding_settings_make_the_served_captions(tmp_path) -> None:
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    model = make_model(pretrained=True)
+    model.config.length_penalty, model.config.no_repeat_ngram_size = 2.0, 1
+    folder = model.save(tmp_path / "long")
+    data = encode(picture(9), "PNG")
+    want = Captioner.load(folder).caption(Image.open(io.BytesIO(data)), beam_size=5, n_best=3)
+    app = create_app(Captioner.load(folder), ServeConfig(batch_wait_ms=0))
+    with BackgroundServer(app) as running, httpx.Client(base_url=running.url, timeout=30) as session:
+        info = session.get("/healthz").json()["model"]
+        body = post_image(session, data).json()
+    assert (info["length_penalty"], info["no_repeat_ngram_size"]) == (2.0, 1)
+    assert body["caption"] == want.text and body["score"] == pytest.approx(want.score, abs=1e-3)
+    assert len(set(body["words"])) == len(body["words"])  # no word twice
+    assert body["score"] != pytest.approx(body["log_prob"], abs=1e-3)  # ranked with the penalty, not by log-probability
 
 
 def test_a_model_failure_is_a_json_500_and_the_server_recovers(tmp_path, monkeypatch) -> None:

@@ -62,7 +62,7 @@ def test_evaluate_defaults_and_errors(trained_run, tmp_path):
 @pytest.mark.slow
 def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_line(trained_run, tmp_path):
     made = subprocess.run(
-        [sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), str(trained_run / "last"), "--flip", "--out", str(tmp_path / "ensemble")],
+        [sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), str(trained_run / "last"), "--flip", "--length-penalty", "0.7", "--no-repeat-ngram", "2", "--out", str(tmp_path / "ensemble")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
@@ -70,8 +70,17 @@ def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_
     # the data comes from the members' training; the flipped view gets its own feature cache
     result = evaluate(str(tmp_path / "ensemble"), "--split", "val", "--no-meteor", "--limit", "10", "--quiet", "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr
-    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["beams"]["3"]
-    assert scores["CIDEr-D"] > 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["beams"]["3"]["CIDEr-D"] > 0
+    # the ensemble's own decoding settings, stored with it
+    assert (results["length_penalty"], results["no_repeat_ngram_size"]) == (0.7, 2)
+    assert "length penalty 0.7, no repeated 2-grams" in result.stdout
+    told = evaluate(str(tmp_path / "ensemble"), "--split", "val", "--no-meteor", "--limit", "10", "--quiet", "--length-penalty", "0", "--no-repeat-ngram", "0", "--out", str(tmp_path / "eval0"))
+    assert told.returncode == 0, told.stderr
+    results = json.loads((tmp_path / "eval0" / "results.json").read_text())
+    assert (results["length_penalty"], results["no_repeat_ngram_size"]) == (0, 0)
+    bad = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--flip", "--length-penalty", "-1", "--out", str(tmp_path / "y")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--length-penalty must be from 0 to 10" in bad.stderr and not (tmp_path / "y").exists()
     again = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert again.returncode != 0 and "needs two models, or --flip" in again.stderr and "Traceback" not in again.stderr
 

@@ -58,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--beam", type=int, default=5, metavar="K", help="beam size; 1 is greedy decoding (default 5)")
     parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
     parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default 0)")
+    parser.add_argument("--length-penalty", type=float, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default: the model's own, 0 unless it says otherwise)")
+    parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (FILE.partial until the run ends)")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
@@ -122,6 +123,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-length must be at least 1, not {args.max_length}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
+        raise ConfigError(f"--no-repeat-ngram must be 0 (off) or more, not {args.no_repeat_ngram}")
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a folder; give a file name such as captions.jsonl")
     if args.attention and Path(args.attention).exists() and not Path(args.attention).is_dir():
@@ -268,6 +271,7 @@ def caption_images(model: "Captioner", loaded: list[tuple[Path, "Image.Image"]],
         max_length=args.max_length,
         length_penalty=args.length_penalty,
         batch_size=len(loaded),
+        **({} if args.no_repeat_ngram is None else {"no_repeat_ngram_size": args.no_repeat_ngram}),
     )
     assert isinstance(results, list)
     for (path, _), result in zip(loaded, results):

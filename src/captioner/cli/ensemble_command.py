@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  captioner ensemble runs/a/best runs/b/best --out runs/ensemble\n"
-            "  captioner ensemble runs/a/best --flip --out runs/a-flip\n"
+            "  captioner ensemble runs/a/best --flip --out runs/a-flip --length-penalty 1.0 --no-repeat-ngram 3\n"
             "  captioner evaluate runs/ensemble --split test --beam 3"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--precision", choices=("float32", "float16", "int8"), default="float32", help="weights as stored: float16 halves the size, int8 quarters it (default float32)"
     )
+    parser.add_argument(
+        "--length-penalty", type=float, metavar="ALPHA", help="the GNMT length penalty it decodes with unless told otherwise (default: the first model's)"
+    )
+    parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in its captions unless told otherwise, 0: off (default: the first model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.set_defaults(run=run)
 
@@ -48,10 +52,18 @@ def run(args: argparse.Namespace) -> int:
     views = ("plain", "flip") if args.flip else ("plain",)
     if len(args.models) == 1 and not args.flip:
         raise ConfigError("an ensemble needs two models, or --flip")
+    if args.length_penalty is not None and not 0 <= args.length_penalty <= 10:
+        raise ConfigError(f"--length-penalty must be from 0 to 10, not {args.length_penalty:g}")
+    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= 10:
+        raise ConfigError(f"--no-repeat-ngram must be from 0 (off) to 10, not {args.no_repeat_ngram}")
     check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
     folders = [resolve_model_path(model) for model in args.models]
     models = [Captioner.load(folder) for folder in folders]
     ensemble = Captioner.ensemble(models, views=views)
+    if args.length_penalty is not None:
+        ensemble.config.length_penalty = args.length_penalty
+    if args.no_repeat_ngram is not None:
+        ensemble.config.no_repeat_ngram_size = args.no_repeat_ngram
     members = [{"model": str(model), "trained_on": trained_on(folder)} for model, folder in zip(args.models, folders)]
     ensemble.save(args.out, precision=args.precision, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
     size = sum(path.stat().st_size for path in Path(args.out).iterdir()) / 1e6

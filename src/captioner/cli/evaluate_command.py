@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
     parser.add_argument("--beam", type=int, nargs="+", default=[3], metavar="K", help="beam sizes to score, e.g. 1 3 5 (1 is greedy; default 3)")
     parser.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha (default 0)")
+    parser.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: the model's own, 0 unless it says otherwise)")
+    parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         beams=args.beam,
         max_length=args.max_length,
         length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
         limit=args.limit,
         meteor=not args.no_meteor,
         out=args.out,

@@ -290,6 +290,7 @@ def model_info(model: "Captioner", name: str) -> dict[str, Any]:
         "image_size": model.preprocessing.image_size,
         "resize": model.preprocessing.resize,
         "max_length": config.max_length,
+        **config.decoding_defaults(),  # the model's own: length_penalty, no_repeat_ngram_size
         "decoders": len(config.ensemble.decoders) if config.ensemble else 1,  # an ensemble's, averaged
         "views": list(model.views),  # "flip": each image is also read mirrored
         "device": str(model.device),

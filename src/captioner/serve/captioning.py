@@ -102,6 +102,7 @@ class ModelRunner:
             beam_size=max(settings.beam_size, settings.n_best),
             num_return=settings.n_best,
             max_length=self.model.config.max_length,
+            **self.model.config.decoding_defaults(),
         )
         pixels = torch.stack([image.pixels for image in images])  # (B, 3, S, S)
         return [self.model._result_with_n_best(captions, "<upload>") for captions in generate(self.model, pixels, config)]

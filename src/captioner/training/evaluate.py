@@ -26,11 +26,15 @@ class EvaluationReport:
     images: int
     scores: dict[int, dict[str, float]]  # beam size -> metric -> value
     seconds: dict[int, float]
+    length_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
     def table(self) -> list[str]:
         names = [name for name in METRICS if any(name in s for s in self.scores.values())]
         header = f"{'beam':>4}  " + "  ".join(f"{name:>7}" for name in names) + f"  {'img/s':>6}"
-        lines = [f"{self.split} split, {self.images} images (corpus-level, 0-100)", header]
+        settings = f", length penalty {self.length_penalty:g}" if self.length_penalty else ""
+        settings += f", no repeated {self.no_repeat_ngram_size}-grams" if self.no_repeat_ngram_size else ""
+        lines = [f"{self.split} split, {self.images} images (corpus-level, 0-100{settings})", header]
         for beam, scores in self.scores.items():
             speed = self.images / max(self.seconds[beam], 1e-9)
             lines.append(f"{beam:>4}  " + "  ".join(f"{scores[name]:7.2f}" for name in names) + f"  {speed:6.1f}")
@@ -45,7 +49,8 @@ def evaluate_model(
     split: str = "test",
     beams: list[int] = [3],
     max_length: int | None = None,
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
     limit: int = 0,
     meteor: bool = True,
     out: str | None = None,
@@ -58,6 +63,8 @@ def evaluate_model(
     folder = resolve_model_path(model_path)
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device)
+    length_penalty = model.config.length_penalty if length_penalty is None else length_penalty
+    ngram = model.config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
     data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")
@@ -77,6 +84,7 @@ def evaluate_model(
             beam_size=beam,
             max_length=max_length or model.config.max_length,
             length_penalty=length_penalty,
+            no_repeat_ngram_size=ngram,
             return_attention=False,
         )
         start = time.perf_counter()
@@ -95,6 +103,7 @@ def evaluate_model(
         "metrics": "COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr-D), corpus-level, 0-100",
         "max_length": max_length or model.config.max_length,
         "length_penalty": length_penalty,
+        "no_repeat_ngram_size": ngram,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
     }
@@ -114,7 +123,7 @@ def evaluate_model(
             )
         )
     write_text_atomic(out_dir / "captions.jsonl", "\n".join(lines) + "\n")
-    return EvaluationReport(out_dir, split, count, scores, seconds)
+    return EvaluationReport(out_dir, split, count, scores, seconds, length_penalty, ngram)
 
 
 def trained_on(folder: Path) -> str | None:
