@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from captioner.data.prepare import PreparedDataset
-from captioner.decoding import GenerationConfig, generate
+from captioner.decoding import generate
 from captioner.errors import CaptionerError
 from captioner.models.captioner import DEFAULT_MODEL_DIR, PRECISIONS, Captioner, resolve_model_path
 from captioner.training.evaluation import split_features
@@ -80,7 +80,7 @@ def main() -> int:
 
     features = split_features(model, dataset, "val", progress=False)
     features = torch.from_numpy(np.asarray(features[: args.check_images], dtype=np.float32))
-    settings = GenerationConfig(beam_size=3, return_attention=False, **model.config.decoding_defaults())
+    settings = model.generation_config(beam_size=3, return_attention=False)
     with tempfile.TemporaryDirectory() as scratch:  # check the stored model before replacing anything
         model.save(Path(scratch) / "default", precision=args.precision, extra_files=extra)
         shipped = Captioner.load(Path(scratch) / "default")

@@ -46,16 +46,16 @@ def run(args: argparse.Namespace) -> int:
 
     from captioner.atomic import check_replaceable
     from captioner.errors import ConfigError
-    from captioner.models.captioner import Captioner, resolve_model_path
+    from captioner.models.captioner import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, Captioner, resolve_model_path
     from captioner.training.evaluate import trained_on
 
     views = ("plain", "flip") if args.flip else ("plain",)
     if len(args.models) == 1 and not args.flip:
         raise ConfigError("an ensemble needs two models, or --flip")
-    if args.length_penalty is not None and not 0 <= args.length_penalty <= 10:
-        raise ConfigError(f"--length-penalty must be from 0 to 10, not {args.length_penalty:g}")
-    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= 10:
-        raise ConfigError(f"--no-repeat-ngram must be from 0 (off) to 10, not {args.no_repeat_ngram}")
+    if args.length_penalty is not None and not 0 <= args.length_penalty <= MAX_LENGTH_PENALTY:
+        raise ConfigError(f"--length-penalty must be from 0 to {MAX_LENGTH_PENALTY}, not {args.length_penalty:g}")
+    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NO_REPEAT_NGRAM:
+        raise ConfigError(f"--no-repeat-ngram must be from 0 (off) to {MAX_NO_REPEAT_NGRAM}, not {args.no_repeat_ngram}")
     check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
     folders = [resolve_model_path(model) for model in args.models]
     models = [Captioner.load(folder) for folder in folders]

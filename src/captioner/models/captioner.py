@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +20,12 @@ from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
 
+if TYPE_CHECKING:
+    from captioner.decoding import GenerationConfig
+
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "default"
 PRECISIONS = ("float32", "float16", "int8")
+MAX_LENGTH_PENALTY = MAX_NO_REPEAT_NGRAM = 10  # bounds of a model's own decoding settings
 
 
 @dataclass
@@ -83,10 +87,10 @@ class CaptionerConfig:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise ConfigError(f"invalid model config: max_length must be a positive whole number, not {str(max_length)[:40]}")
         length_penalty, ngram = values.get("length_penalty", 0.0), values.get("no_repeat_ngram_size", 0)
-        if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or not 0 <= length_penalty <= 10:
-            raise ConfigError(f"invalid model config: length_penalty must be a number from 0 to 10, not {str(length_penalty)[:40]}")
-        if not isinstance(ngram, int) or isinstance(ngram, bool) or not 0 <= ngram <= 10:
-            raise ConfigError(f"invalid model config: no_repeat_ngram_size must be a whole number from 0 to 10, not {str(ngram)[:40]}")
+        if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or not 0 <= length_penalty <= MAX_LENGTH_PENALTY:
+            raise ConfigError(f"invalid model config: length_penalty must be a number from 0 to {MAX_LENGTH_PENALTY}, not {str(length_penalty)[:40]}")
+        if not isinstance(ngram, int) or isinstance(ngram, bool) or not 0 <= ngram <= MAX_NO_REPEAT_NGRAM:
+            raise ConfigError(f"invalid model config: no_repeat_ngram_size must be a whole number from 0 to {MAX_NO_REPEAT_NGRAM}, not {str(ngram)[:40]}")
         try:
             preprocessing = values.get("preprocessing")
             return cls(
@@ -100,6 +104,9 @@ class CaptionerConfig:
             )
         except (TypeError, ValueError) as error:
             raise ConfigError(f"invalid model config: {error}") from None
+
+
+CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(CaptionerConfig))  # what config.json holds of CaptionerConfig
 
 
 def build_decoder(config: DecoderConfig, vocab_size: int, feature_dim: int) -> Decoder:
@@ -229,22 +236,14 @@ class Captioner(nn.Module):
         (8, 9, 9)
         """
         from captioner.data.images import load_image
-        from captioner.decoding import GenerationConfig, generate
+        from captioner.decoding import generate
 
         for name, value in (("beam_size", beam_size), ("n_best", n_best), ("batch_size", batch_size), ("max_length", max_length)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        strategy = generation.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
-        config = GenerationConfig(
-            strategy=strategy,
-            beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size,
-            num_return=n_best,
-            max_length=self.config.max_length if max_length is None else max_length,
-            length_penalty=self.config.length_penalty if length_penalty is None else length_penalty,
-            **{"no_repeat_ngram_size": self.config.no_repeat_ngram_size, **generation},
-        )
+        config = self.generation_config(beam_size=beam_size, n_best=n_best, max_length=max_length, length_penalty=length_penalty, **generation)
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -252,6 +251,32 @@ class Captioner(nn.Module):
             pixels = torch.stack([self.preprocessing(load_image(item, draft=self.preprocessing.draft_size)) for item in chunk])  # (b, 3, S, S)
             results.extend(self._result_with_n_best(captions, name) for name, captions in zip(names, generate(self, pixels, config)))
         return results[0] if single else results
+
+    def generation_config(
+        self,
+        *,
+        beam_size: int = 5,
+        n_best: int = 1,
+        max_length: int | None = None,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        **generation: Any,
+    ) -> GenerationConfig:
+        """How to decode with this model: greedy for ``beam_size=1`` (unless ``n_best`` asks for more),
+        the beam widened to ``n_best``, and the model's own ``max_length``, ``length_penalty`` and
+        ``no_repeat_ngram_size`` wherever they are None. Other fields pass through."""
+        from captioner.decoding import GenerationConfig
+
+        strategy = generation.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
+        return GenerationConfig(
+            strategy=strategy,
+            beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size,
+            num_return=n_best,
+            max_length=self.config.max_length if max_length is None else max_length,
+            length_penalty=self.config.length_penalty if length_penalty is None else length_penalty,
+            no_repeat_ngram_size=self.config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+            **generation,
+        )
 
     def _result_with_n_best(self, captions: list[Any], source: str) -> CaptionResult:
         """The best caption, its ``n_best`` list holding all of them (each without an ``n_best`` of its own)."""
@@ -299,7 +324,7 @@ class Captioner(nn.Module):
         """
         folder = resolve_model_path(path)
         tensors, raw_config, vocab = read_checkpoint(folder)
-        config = CaptionerConfig.from_dict({k: v for k, v in raw_config.items() if k in ("encoder", "decoder", "preprocessing", "max_length", "ensemble", "length_penalty", "no_repeat_ngram_size")})
+        config = CaptionerConfig.from_dict({k: v for k, v in raw_config.items() if k in CONFIG_KEYS})
         encoder_weights = raw_config.get("encoder_weights", "package")
         if encoder_weights not in ("package", "checkpoint"):
             raise CheckpointError(f"checkpoint {folder}: unknown encoder_weights {encoder_weights!r}")

@@ -95,15 +95,9 @@ class ModelRunner:
     def __call__(self, settings: DecodeSettings, images: list[PreparedImage]) -> list["CaptionResult"]:
         import torch
 
-        from captioner.decoding import GenerationConfig, generate
+        from captioner.decoding import generate
 
-        config = GenerationConfig(
-            strategy="beam" if settings.beam_size > 1 or settings.n_best > 1 else "greedy",
-            beam_size=max(settings.beam_size, settings.n_best),
-            num_return=settings.n_best,
-            max_length=self.model.config.max_length,
-            **self.model.config.decoding_defaults(),
-        )
+        config = self.model.generation_config(beam_size=settings.beam_size, n_best=settings.n_best)
         pixels = torch.stack([image.pixels for image in images])  # (B, 3, S, S)
         return [self.model._result_with_n_best(captions, "<upload>") for captions in generate(self.model, pixels, config)]
 

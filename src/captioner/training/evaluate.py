@@ -10,7 +10,6 @@ from typing import Any
 
 from captioner.atomic import write_text_atomic
 from captioner.data.prepare import PreparedDataset
-from captioner.decoding import GenerationConfig
 from captioner.device import resolve_device
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner, resolve_model_path
@@ -63,8 +62,6 @@ def evaluate_model(
     folder = resolve_model_path(model_path)
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device)
-    length_penalty = model.config.length_penalty if length_penalty is None else length_penalty
-    ngram = model.config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size
     data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")
@@ -79,13 +76,8 @@ def evaluate_model(
     seconds: dict[int, float] = {}
     generated: dict[int, dict[int, Any]] = {}
     for beam in dict.fromkeys(beams):  # unique, in the order given
-        config = GenerationConfig(
-            strategy="beam" if beam > 1 else "greedy",
-            beam_size=beam,
-            max_length=max_length or model.config.max_length,
-            length_penalty=length_penalty,
-            no_repeat_ngram_size=ngram,
-            return_attention=False,
+        config = model.generation_config(
+            beam_size=beam, max_length=max_length, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, return_attention=False
         )
         start = time.perf_counter()
         captions = decode_split(model, dataset, split, config, features=features, limit=limit, batch_size=batch_size, progress=progress)
@@ -101,9 +93,9 @@ def evaluate_model(
         "split": split,
         "images": count,
         "metrics": "COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr-D), corpus-level, 0-100",
-        "max_length": max_length or model.config.max_length,
-        "length_penalty": length_penalty,
-        "no_repeat_ngram_size": ngram,
+        "max_length": config.max_length,
+        "length_penalty": config.length_penalty,
+        "no_repeat_ngram_size": config.no_repeat_ngram_size,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
     }
@@ -123,7 +115,7 @@ def evaluate_model(
             )
         )
     write_text_atomic(out_dir / "captions.jsonl", "\n".join(lines) + "\n")
-    return EvaluationReport(out_dir, split, count, scores, seconds, length_penalty, ngram)
+    return EvaluationReport(out_dir, split, count, scores, seconds, config.length_penalty, config.no_repeat_ngram_size)
 
 
 def trained_on(folder: Path) -> str | None:
