@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.decoding import GenerationConfig, generate
+from captioner.decoding import GenerationConfig
 from captioner.models.captioner import Captioner, CaptionerConfig
 from captioner.models.decoder import select_state
 
@@ -145,7 +145,7 @@ def main() -> None:
             baseline = lambda: [tutorial_beam_search(model, features[i : i + 1], beam, args.max_length) for i in range(args.images)]  # noqa: E731
         baseline_seconds, baseline_words = timed(baseline, args.repeats)
         for batch in (1, 32):
-            ours = lambda: [c[0].tokens for i in range(0, args.images, batch) for c in generate(model, features[i : i + batch], config)]  # noqa: E731
+            ours = lambda: [c[0].tokens for i in range(0, args.images, batch) for c in model.generate(features[i : i + batch], config)]  # noqa: E731
             seconds, words = timed(ours, args.repeats)
             rows.append(
                 {

@@ -36,7 +36,7 @@ from captioner.data.images import load_image
 from captioner.data.prepare import PreparedDataset, PrepareOptions, prepare
 from captioner.training.batching import CaptionBatches
 from captioner.training.config import TrainConfig
-from captioner.training.evaluation import split_features
+from captioner.data.features import split_features
 from captioner.training.loop import TrainingStep, build_model
 
 
@@ -66,8 +66,8 @@ def make_shapes(root: Path) -> Path:
     return root / "prepared"
 
 
-def optimiser_step(step_module, optimizer, inputs, captions, lengths, seq_per_img) -> None:
-    loss = step_module(inputs, captions, lengths, seq_per_img)["loss"]
+def optimiser_step(step_module, optimizer, inputs, captions, lengths) -> None:
+    loss = step_module(inputs, captions, lengths)["loss"]  # captions per image come from the shapes
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(step_module.parameters(), 5.0)
@@ -75,13 +75,7 @@ def optimiser_step(step_module, optimizer, inputs, captions, lengths, seq_per_im
 
 
 def run_cached(model, config, dataset, features, steps: int) -> dict:
-    split = dataset.split_images("train")
-    captions = dataset.captions("train")
-    plan = CaptionBatches(
-        {index: position for position, index in enumerate(split)},
-        captions["tokens"], captions["lengths"], captions["image_index"],
-        batch_size=config.batch_size, seq_per_img=config.seq_per_img, seed=0,
-    )
+    plan = CaptionBatches.for_split(dataset, "train", batch_size=config.batch_size, seq_per_img=config.seq_per_img, seed=0)
     step_module = TrainingStep(model, config).train()
     optimizer = torch.optim.Adam([p for p in model.decoder.parameters() if p.requires_grad], lr=4e-4)
     batches = plan.epoch(0)[: steps + 1]
@@ -90,7 +84,7 @@ def run_cached(model, config, dataset, features, steps: int) -> dict:
         if number == 1:  # the first step is a warm-up
             start, done = time.perf_counter(), 0
         inputs = torch.from_numpy(np.asarray(features[batch.positions], dtype=np.float32))  # (N, P, D)
-        optimiser_step(step_module, optimizer, inputs, batch.captions, batch.lengths, config.seq_per_img)
+        optimiser_step(step_module, optimizer, inputs, batch.captions, batch.lengths)
         done += len(batch.captions)
     seconds = time.perf_counter() - start
     return {"captions_per_step": config.batch_size * config.seq_per_img, "steps": len(batches) - 1, "captions_per_second": done / seconds}
@@ -108,7 +102,7 @@ def run_tutorial(model, config, dataset, steps: int, batch_size: int, workers: i
         width = int(lengths.max())
         with torch.no_grad():
             features = model.encoder(images)  # (32, P, D): every caption's image, every step
-        optimiser_step(step_module, optimizer, features, captions[:, :width], lengths, 1)
+        optimiser_step(step_module, optimizer, features, captions[:, :width], lengths)
         done += len(captions)
     seconds = time.perf_counter() - start
     return {"captions_per_step": batch_size, "steps": steps, "captions_per_second": done / seconds}

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from captioner.data.prepare import PreparedDataset
-from captioner.decoding import generate
+from captioner.decoding import GenerationConfig
 from captioner.errors import CaptionerError
 from captioner.models.captioner import DEFAULT_MODEL_DIR, PRECISIONS, Captioner, resolve_model_path
-from captioner.training.evaluation import split_features
+from captioner.data.features import split_features
 
 
 def provenance(folder: Path, data_path: str) -> dict:
@@ -80,12 +80,12 @@ def main() -> int:
 
     features = split_features(model, dataset, "val", progress=False)
     features = torch.from_numpy(np.asarray(features[: args.check_images], dtype=np.float32))
-    settings = model.generation_config(beam_size=3, return_attention=False)
+    settings = GenerationConfig.for_captions(3, return_attention=False)
     with tempfile.TemporaryDirectory() as scratch:  # check the stored model before replacing anything
         model.save(Path(scratch) / "default", precision=args.precision, extra_files=extra)
         shipped = Captioner.load(Path(scratch) / "default")
-        full = [c[0].text for c in generate(model, features, settings)]
-        stored = [c[0].text for c in generate(shipped, features, settings)]
+        full = [c[0].text for c in model.generate(features, settings)]
+        stored = [c[0].text for c in shipped.generate(features, settings)]
     changed = sum(a != b for a, b in zip(full, stored))
     if changed > args.max_changed * len(full):
         print(f"error: {args.precision} weights change {changed} of {len(full)} validation captions; not shipped", file=sys.stderr)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from captioner.decoding import GenerationConfig, generate, length_penalty
+from captioner.decoding import GenerationConfig, length_penalty
 from captioner.errors import ConfigError
 from conftest import make_model
 
@@ -64,7 +64,7 @@ def final_token_is_end(model, features, tokens):
 def test_beam_search_equals_exhaustive_search(kind, alpha):
     model = make_model(kind, seed=3, scale=4.0)
     features = features_for(model, batch=2)
-    results = generate(model, features, strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha, allow_unk=True)
+    results = model.generate(features, strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha, allow_unk=True)
     for image in range(2):
         best = brute_force(model, features[image], max_length=3, alpha=alpha)
         got = [(c.tokens, c.finished) for c in results[image]]
@@ -117,7 +117,7 @@ def test_beam_search_equals_the_reference_algorithm_with_pruning(kind, k, alpha)
     # beams much smaller than the search space: pruning and early stopping must not change the result
     model = make_model(kind, seed=13, words=("a", "b", "c", "d", "e", "f"), scale=2.0)
     features = features_for(model, batch=3, seed=4)
-    results = generate(model, features, strategy="beam", beam_size=k, num_return=k, max_length=5, length_penalty=alpha)
+    results = model.generate(features, strategy="beam", beam_size=k, num_return=k, max_length=5, length_penalty=alpha)
     for image in range(3):
         expected = reference_beam_search(model, features[image], k, 5, alpha, k)
         assert [(c.tokens, c.finished) for c in results[image]] == [(tokens, finished) for tokens, finished, _ in expected]
@@ -130,7 +130,7 @@ def test_decoding_ends_when_the_rules_leave_no_word(strategy):
     # after three words, so <end> is allowed there; never an empty result or a crash
     model = make_model("attention", seed=2)
     features = features_for(model, batch=2)
-    results = generate(model, features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, min_length=5, no_repeat_ngram_size=1, max_length=8, seed=0)
+    results = model.generate(features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, min_length=5, no_repeat_ngram_size=1, max_length=8, seed=0)
     for captions in results:
         assert captions
         for caption in captions:
@@ -145,8 +145,8 @@ def test_decoding_ends_when_the_rules_leave_no_word(strategy):
 def test_beam_of_one_is_greedy(kind, seed):
     model = make_model(kind, seed=seed, scale=3.0)
     features = features_for(model, batch=6, seed=seed)
-    greedy = generate(model, features, strategy="greedy", max_length=8)
-    beam = generate(model, features, strategy="beam", beam_size=1, max_length=8)
+    greedy = model.generate(features, strategy="greedy", max_length=8)
+    beam = model.generate(features, strategy="beam", beam_size=1, max_length=8)
     for g, b in zip(greedy, beam):
         assert (g[0].tokens, g[0].finished) == (b[0].tokens, b[0].finished)
         assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-5)
@@ -156,9 +156,9 @@ def test_beam_of_one_is_greedy(kind, seed):
 def test_batched_equals_one_at_a_time(strategy):
     model = make_model("attention", seed=5, scale=3.0)
     features = features_for(model, batch=5)
-    batched = generate(model, features, strategy=strategy, beam_size=3, num_return=1, max_length=10)
+    batched = model.generate(features, strategy=strategy, beam_size=3, num_return=1, max_length=10)
     for image in range(5):
-        alone = generate(model, features[image : image + 1], strategy=strategy, beam_size=3, max_length=10)[0]
+        alone = model.generate(features[image : image + 1], strategy=strategy, beam_size=3, max_length=10)[0]
         assert [c.tokens for c in alone] == [c.tokens for c in batched[image]]
         assert alone[0].log_prob == pytest.approx(batched[image][0].log_prob, abs=1e-5)
         assert torch.allclose(alone[0].attention, batched[image][0].attention, atol=1e-6)
@@ -169,7 +169,7 @@ def test_batched_equals_one_at_a_time(strategy):
 def test_log_prob_equals_teacher_forced_log_prob(kind, strategy):
     model = make_model(kind, seed=7, scale=2.0)
     features = features_for(model, batch=3)
-    results = generate(model, features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=6, seed=0)
+    results = model.generate(features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=6, seed=0)
     for image, captions in enumerate(results):
         for caption in captions:
             expected, _ = teacher_forced(model, features[image], caption.tokens, caption.finished)
@@ -182,7 +182,7 @@ def test_no_end_ever_returns_max_length_captions(strategy):
     with torch.no_grad():
         model.decoder.classifier.bias[model.vocab.end_id] = -math.inf
     features = features_for(model, batch=3)
-    results = generate(model, features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=1)
+    results = model.generate(features, strategy=strategy, beam_size=3, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=1)
     assert len(results) == 3
     for captions in results:
         assert captions
@@ -203,10 +203,10 @@ def _repeating_model():
 def test_no_repeat_ngram_blocking(strategy):
     model = _repeating_model()
     features = features_for(model, batch=2)
-    plain = generate(model, features, strategy=strategy, max_length=6)
+    plain = model.generate(features, strategy=strategy, max_length=6)
     assert plain[0][0].text.split().count("a") >= 4
     for n in (1, 2, 3):
-        for captions in generate(model, features, strategy=strategy, max_length=6, no_repeat_ngram_size=n, beam_size=3):
+        for captions in model.generate(features, strategy=strategy, max_length=6, no_repeat_ngram_size=n, beam_size=3):
             words = captions[0].tokens
             ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
             assert len(ngrams) == len(set(ngrams)), (n, captions[0].text)
@@ -215,8 +215,8 @@ def test_no_repeat_ngram_blocking(strategy):
 def test_length_penalty_changes_ranking_as_documented():
     model = make_model("attention", seed=11, scale=1.5)
     features = features_for(model, batch=8)
-    short = generate(model, features, strategy="beam", beam_size=5, max_length=12, length_penalty=0.0)
-    long = generate(model, features, strategy="beam", beam_size=5, max_length=12, length_penalty=2.0)
+    short = model.generate(features, strategy="beam", beam_size=5, max_length=12, length_penalty=0.0)
+    long = model.generate(features, strategy="beam", beam_size=5, max_length=12, length_penalty=2.0)
     assert sum(len(c[0].tokens) for c in long) > sum(len(c[0].tokens) for c in short)
     for captions in long:
         for caption in captions:
@@ -226,7 +226,7 @@ def test_length_penalty_changes_ranking_as_documented():
 
 def test_n_best_is_sorted_distinct_and_min_length_holds():
     model = make_model("attention", seed=12, scale=2.0)
-    results = generate(model, features_for(model), strategy="beam", beam_size=5, num_return=5, max_length=8, min_length=3)
+    results = model.generate(features_for(model), strategy="beam", beam_size=5, num_return=5, max_length=8, min_length=3)
     for captions in results:
         assert len(captions) == 5
         assert [c.score for c in captions] == sorted((c.score for c in captions), reverse=True)
@@ -238,7 +238,7 @@ def test_n_best_is_sorted_distinct_and_min_length_holds():
 def test_attention_maps_follow_the_returned_caption(strategy):
     model = make_model("attention", seed=13, scale=2.0)
     features = features_for(model, batch=3, regions=6)
-    results = generate(model, features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=3)
+    results = model.generate(features, strategy=strategy, beam_size=4, num_return=2 if strategy != "greedy" else 1, max_length=7, seed=3)
     for image, captions in enumerate(results):
         for caption in captions:
             assert caption.attention.shape == (len(caption.tokens), 6)
@@ -252,23 +252,23 @@ def test_show_tell_has_no_attention_and_unk_is_blocked_unless_allowed():
     with torch.no_grad():
         model.decoder.classifier.bias[model.vocab.unk_id] = 10.0
     features = features_for(model, batch=2)
-    assert "<unk>" in generate(model, features, strategy="greedy", allow_unk=True)[0][0].text
-    for captions in generate(model, features, strategy="beam"):  # <unk> is blocked by default
+    assert "<unk>" in model.generate(features, strategy="greedy", allow_unk=True)[0][0].text
+    for captions in model.generate(features, strategy="beam"):  # <unk> is blocked by default
         assert captions[0].attention is None and "<unk>" not in captions[0].text
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
     model = make_model("attention", seed=14, scale=1.0)
     features = features_for(model, batch=3)
-    first = generate(model, features, strategy="sample", num_return=4, seed=123, max_length=8)
-    second = generate(model, features, strategy="sample", num_return=4, seed=123, max_length=8)
+    first = model.generate(features, strategy="sample", num_return=4, seed=123, max_length=8)
+    second = model.generate(features, strategy="sample", num_return=4, seed=123, max_length=8)
     assert [[c.tokens for c in cs] for cs in first] == [[c.tokens for c in cs] for cs in second]
     assert all(len(cs) == 4 for cs in first)
     assert len({tuple(c.tokens) for cs in first for c in cs}) > 3  # not all the same
-    greedy = generate(model, features, strategy="greedy", max_length=8)
-    top1 = generate(model, features, strategy="sample", top_k=1, seed=5, max_length=8)
+    greedy = model.generate(features, strategy="greedy", max_length=8)
+    top1 = model.generate(features, strategy="sample", top_k=1, seed=5, max_length=8)
     assert [g[0].tokens for g in greedy] == [t[0].tokens for t in top1]
-    nucleus = generate(model, features, strategy="sample", top_p=1e-6, seed=5, max_length=8)
+    nucleus = model.generate(features, strategy="sample", top_p=1e-6, seed=5, max_length=8)
     assert [g[0].tokens for g in greedy] == [t[0].tokens for t in nucleus]
 
 
@@ -276,10 +276,10 @@ def test_model_mode_is_restored_and_images_are_encoded():
     model = make_model("attention")
     model.train()
     images = torch.randn(2, 3, 64, 64)
-    results = generate(model, images, strategy="greedy", max_length=4)
+    results = model.generate(images, strategy="greedy", max_length=4)
     assert len(results) == 2 and model.training
     assert results[0][0].attention.shape[1] == 4  # a 64x64 image gives a 2x2 stride-32 grid
-    assert generate(model, torch.zeros(0, 4, model.decoder.feature_dim)) == []
+    assert model.generate(torch.zeros(0, 4, model.decoder.feature_dim)) == []
 
 
 def test_config_errors():
@@ -293,4 +293,4 @@ def test_config_errors():
         GenerationConfig(strategy="greedy", num_return=2)
     model = make_model()
     with pytest.raises(ConfigError, match="expected images"):
-        generate(model, torch.zeros(3, 4))
+        model.generate(torch.zeros(3, 4))

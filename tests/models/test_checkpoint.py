@@ -206,7 +206,7 @@ def test_truncated_weights_missing_files_and_newer_format(tmp_path):
         (lambda c: json.dumps({**c, "format": True}), "newer than this captioner reads"),
         (lambda c: json.dumps({**c, "encoder": "efficientnet_lite0"}), "'encoder' must be an object"),
         (lambda c: json.dumps({**c, "decoder": [1, 2]}), "'decoder' must be an object"),
-        (lambda c: json.dumps({**c, "max_length": -5}), "max_length must be a positive whole number"),
+        (lambda c: json.dumps({**c, "max_length": -5}), "max_length must be a whole number from 1 to 100, not -5"),
         (lambda c: json.dumps({**c, "length_penalty": "long"}), "length_penalty must be a number from 0 to 10"),
         (lambda c: json.dumps({**c, "no_repeat_ngram_size": 2.5}), "no_repeat_ngram_size must be a whole number from 0 to 10"),
         (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "mean": [0.5]}}), "one value per RGB channel"),

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from captioner.decoding import generate
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
 from captioner.models.ensemble import EnsembleConfig, mirror
@@ -39,7 +38,7 @@ def test_an_ensemble_of_one_model_twice_is_that_model(strategy):
     features = grid_features(model)
     twice = Captioner.ensemble([model, model])
     settings = dict(strategy=strategy, beam_size=3, num_return=2 if strategy == "beam" else 1, max_length=8)
-    assert_same_captions(generate(model, features, **settings), generate(twice, features, **settings))
+    assert_same_captions(model.generate(features, **settings), twice.generate(features, **settings))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
@@ -50,8 +49,8 @@ def test_a_flipped_view_of_mirrored_features_is_the_model_itself(strategy):
     features = grid_features(model)
     flipped = Captioner.ensemble([model], views=("plain", "flip"))
     settings = dict(strategy=strategy, beam_size=3, num_return=2 if strategy == "beam" else 1, max_length=8)
-    expected = generate(model, features, **settings)
-    assert_same_captions(expected, generate(flipped, torch.cat([features, mirrored(features)], dim=1), **settings))
+    expected = model.generate(features, **settings)
+    assert_same_captions(expected, flipped.generate(torch.cat([features, mirrored(features)], dim=1), **settings))
     # without mirroring the attention back, the maps would differ (the test can fail)
     assert not torch.allclose(expected[0][0].attention, mirror(expected[0][0].attention), atol=1e-3)
 
@@ -61,7 +60,7 @@ def test_two_models_average_their_probabilities_at_every_step():
     features = grid_features(first, batch=2)
     both = Captioner.ensemble([first, second])
     vocab = first.vocab
-    for image, captions in enumerate(generate(both, features, strategy="beam", beam_size=3, num_return=3, max_length=6)):
+    for image, captions in enumerate(both.generate(features, strategy="beam", beam_size=3, num_return=3, max_length=6)):
         for caption in captions:
             ids = [vocab.start_id, *caption.tokens] + ([vocab.end_id] if caption.finished else [])
             captions_tensor, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
@@ -79,7 +78,7 @@ def test_an_ensemble_checkpoint_round_trips_and_names_its_format(tmp_path):
     assert config["format"] == 2 and len(config["ensemble"]["decoders"]) == 2 and config["ensemble"]["views"] == ["plain", "flip"]
     loaded = Captioner.load(tmp_path / "ensemble")
     features = torch.cat([grid_features(first), grid_features(first, seed=2)], dim=1)
-    assert_same_captions(generate(both, features, beam_size=3, max_length=6), generate(loaded, features, beam_size=3, max_length=6))
+    assert_same_captions(both.generate(features, beam_size=3, max_length=6), loaded.generate(features, beam_size=3, max_length=6))
     assert json.loads((tmp_path / "ensemble" / "config.json").read_text())["format"] == 2
     first.save(tmp_path / "single")
     assert json.loads((tmp_path / "single" / "config.json").read_text())["format"] == 1  # older readers still read single models

@@ -51,7 +51,7 @@ def test_evaluate_defaults_and_errors(trained_run, tmp_path):
     assert json.loads((trained_run / "eval-best-val" / "results.json").read_text())["images"] == 10
     for args, message in [
         ((str(tmp_path / "missing"),), "no checkpoint"),
-        ((str(trained_run / "best"), "--beam", "0"), "beam sizes must be at least 1"),
+        ((str(trained_run / "best"), "--beam", "0"), "--beam must be a whole number from 1 to 100, not 0"),
         ((str(trained_run / "best"), "--data", str(tmp_path)), "not a prepared dataset"),
         ((str(trained_run / "best"), "--device", "cuda:7"), "CUDA"),
     ]:
@@ -80,7 +80,7 @@ def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_
     results = json.loads((tmp_path / "eval0" / "results.json").read_text())
     assert (results["length_penalty"], results["no_repeat_ngram_size"]) == (0, 0)
     bad = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--flip", "--length-penalty", "-1", "--out", str(tmp_path / "y")], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--length-penalty must be from 0 to 10" in bad.stderr and not (tmp_path / "y").exists()
+    assert bad.returncode != 0 and "--length-penalty must be a number from 0 to 10, not -1" in bad.stderr and not (tmp_path / "y").exists()
     again = subprocess.run([sys.executable, "-m", "captioner", "ensemble", str(trained_run / "best"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert again.returncode != 0 and "needs two models, or --flip" in again.stderr and "Traceback" not in again.stderr
 
@@ -88,7 +88,7 @@ def test_an_ensemble_with_a_flipped_view_is_made_and_evaluated_from_the_command_
 def test_view_features_put_each_views_regions_side_by_side_however_they_are_read():
     import numpy as np
 
-    from captioner.training.evaluation import ViewFeatures
+    from captioner.data.features import ViewFeatures
 
     plain, flip = np.arange(3 * 4 * 2).reshape(3, 4, 2), -np.arange(3 * 4 * 2).reshape(3, 4, 2)
     both = ViewFeatures([plain, flip])

@@ -10,7 +10,7 @@ from PIL import Image
 from captioner.data.images import Preprocessing
 from captioner.errors import CaptionerError
 from captioner.models.encoder import EncoderConfig, build_encoder
-from captioner.training.features import cached_features
+from captioner.data.features import cached_features
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +81,13 @@ def test_unreadable_image_is_a_clear_error_and_leaves_no_file(encoder, tmp_path)
 def test_epochs_before_fine_tuning_train_from_the_cache(shapes_prepared, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from captioner.training import data as training_data
     from captioner.training import loop
     from conftest import shapes_train_config
 
     settings = dict(epochs=1, fine_tune_encoder=1, fine_tune_from_epoch=1, val_max_images=8, decoder={"hidden_dim": 64})
     with monkeypatch.context() as patch:  # epoch 1 of a run that fine-tunes from epoch 2 never reads an image
-        patch.setattr(loop, "ImageFiles", lambda *args, **kwargs: pytest.fail("an image was loaded before fine-tuning"))
+        patch.setattr(training_data, "ImageFiles", lambda *args, **kwargs: pytest.fail("an image was loaded before fine-tuning"))
         train_config = shapes_train_config(shapes_prepared, tmp_path / "run", **settings)
         loop.train(train_config)
     assert not any(name.startswith("encoder.") for name in load_file(str(tmp_path / "run" / "last" / "model.safetensors")))

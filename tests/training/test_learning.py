@@ -7,7 +7,8 @@ import pytest
 from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.models.captioner import Captioner
-from captioner.training.evaluation import decode_split, score_split, split_features
+from captioner.data.features import split_features
+from captioner.evaluation import decode_split, score_split
 from captioner.training.loop import train
 from conftest import shapes_train_config
 

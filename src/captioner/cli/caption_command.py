@@ -21,6 +21,8 @@ from captioner.errors import CaptionerError, ConfigError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from captioner.decoding import GenerationConfig
+
     from captioner.models.captioner import Captioner, CaptionResult
 
 #: With fewer images than this, no progress bar is shown.
@@ -113,22 +115,35 @@ def refuse_if_nothing(entries: list[str], paths: list[Path]) -> None:
     raise CaptionerError(f"no images to caption: {'; '.join(reasons)}")
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse bad option values before any model or image is loaded."""
-    if args.beam < 1:
-        raise ConfigError(f"--beam must be at least 1, not {args.beam}")
-    if args.n_best < 1:
-        raise ConfigError(f"--n-best must be at least 1, not {args.n_best}")
-    if args.max_length is not None and args.max_length < 1:
-        raise ConfigError(f"--max-length must be at least 1, not {args.max_length}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if args.no_repeat_ngram is not None and args.no_repeat_ngram < 0:
-        raise ConfigError(f"--no-repeat-ngram must be 0 (off) or more, not {args.no_repeat_ngram}")
+#: The settings this command's flags give, by their names elsewhere.
+FLAGS = {
+    "beam_size": "--beam",
+    "n_best": "--n-best",
+    "num_return": "--n-best",
+    "max_length": "--max-length",
+    "length_penalty": "--length-penalty",
+    "no_repeat_ngram_size": "--no-repeat-ngram",
+    "batch_size": "--batch-size",
+}
+
+
+def check_options(args: argparse.Namespace) -> "GenerationConfig":
+    """Refuse bad option values before any model or image is loaded; the decoding they ask for."""
+    from captioner import ranges
+    from captioner.decoding import GenerationConfig
+
+    try:
+        ranges.whole_number("batch_size", args.batch_size, 1, 4096)
+        config = GenerationConfig.for_captions(
+            args.beam, args.n_best, max_length=args.max_length, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram
+        )
+    except ranges.SettingError as error:
+        raise error.named(FLAGS) from None
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a folder; give a file name such as captions.jsonl")
     if args.attention and Path(args.attention).exists() and not Path(args.attention).is_dir():
         raise ConfigError(f"--attention {args.attention} exists and is not a folder")
+    return config
 
 
 def attention_names(paths: list[Path]) -> dict[Path, str]:
@@ -260,33 +275,23 @@ def write_attention(folder: Path, name: str, image: "Image.Image", result: "Capt
     return save_attention_figure(folder / name, view, result.words, attention, caption=result.text)
 
 
-def caption_images(model: "Captioner", loaded: list[tuple[Path, "Image.Image"]], args: argparse.Namespace) -> list["CaptionResult"]:
+def caption_images(model: "Captioner", loaded: list[tuple[Path, "Image.Image"]], config: "GenerationConfig") -> list["CaptionResult"]:
     """Caption decoded images as one batch; each result (and its n-best list) names its file."""
+    import torch
+
     if not loaded:
         return []
-    results = model.caption(
-        [image for _, image in loaded],
-        beam_size=args.beam,
-        n_best=args.n_best,
-        max_length=args.max_length,
-        length_penalty=args.length_penalty,
-        batch_size=len(loaded),
-        **({} if args.no_repeat_ngram is None else {"no_repeat_ngram_size": args.no_repeat_ngram}),
-    )
-    assert isinstance(results, list)
-    for (path, _), result in zip(loaded, results):
-        for item in (result, *result.n_best):
-            item.source = str(path)
-    return results
+    pixels = torch.stack([model.preprocessing(image) for _, image in loaded])  # (b, 3, S, S)
+    return model.caption_batch(pixels, config, [str(path) for path, _ in loaded])
 
 
 def run(args: argparse.Namespace) -> int:
-    check_options(args)
+    config = check_options(args)
     paths, empty = expand_inputs(args.images)
     refuse_if_nothing(args.images, paths)
     output = JsonLinesOutput(args.json) if args.json else None
     try:
-        failed = caption_all(args, paths, empty, output)
+        failed = caption_all(args, config, paths, empty, output)
     except BaseException:
         note = output.abandon() if output else None
         if note:
@@ -300,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def caption_all(args: argparse.Namespace, paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
+def caption_all(args: argparse.Namespace, config: "GenerationConfig", paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
     """Caption every image, writing lines (and JSON records) batch by batch; returns how many failed."""
     from tqdm import tqdm
 
@@ -330,7 +335,7 @@ def caption_all(args: argparse.Namespace, paths: list[Path], empty: list[str], o
             loaded = read_chunk(chunk, model.preprocessing.draft_size, console.err)
             failed += len(chunk) - len(loaded)
             records = []
-            for (path, image), result in zip(loaded, caption_images(model, loaded, args)):
+            for (path, image), result in zip(loaded, caption_images(model, loaded, config)):
                 figure = write_attention(attention_folder, names[path], image, result, model) if attention_folder else None
                 for line in caption_lines(result.source, result, args.n_best):
                     console.out(line)

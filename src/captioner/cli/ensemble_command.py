@@ -45,17 +45,19 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from captioner.atomic import check_replaceable
+    from captioner.decoding import GenerationConfig
     from captioner.errors import ConfigError
-    from captioner.models.captioner import MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, Captioner, resolve_model_path
-    from captioner.training.evaluate import trained_on
+    from captioner.evaluation import trained_on
+    from captioner.models.captioner import Captioner, resolve_model_path
+    from captioner.ranges import SettingError
 
     views = ("plain", "flip") if args.flip else ("plain",)
     if len(args.models) == 1 and not args.flip:
         raise ConfigError("an ensemble needs two models, or --flip")
-    if args.length_penalty is not None and not 0 <= args.length_penalty <= MAX_LENGTH_PENALTY:
-        raise ConfigError(f"--length-penalty must be from 0 to {MAX_LENGTH_PENALTY}, not {args.length_penalty:g}")
-    if args.no_repeat_ngram is not None and not 0 <= args.no_repeat_ngram <= MAX_NO_REPEAT_NGRAM:
-        raise ConfigError(f"--no-repeat-ngram must be from 0 (off) to {MAX_NO_REPEAT_NGRAM}, not {args.no_repeat_ngram}")
+    try:  # the decoding settings it will carry, checked as any decoding settings are
+        GenerationConfig(length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
+    except SettingError as error:
+        raise error.named({"length_penalty": "--length-penalty", "no_repeat_ngram_size": "--no-repeat-ngram"}) from None
     check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
     folders = [resolve_model_path(model) for model in args.models]
     models = [Captioner.load(folder) for folder in folders]

@@ -34,25 +34,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from captioner.training.evaluate import evaluate_model
+#: The settings this command's flags give, by their names elsewhere.
+FLAGS = {
+    "beam_size": "--beam",
+    "max_length": "--max-length",
+    "length_penalty": "--length-penalty",
+    "no_repeat_ngram_size": "--no-repeat-ngram",
+    "limit": "--limit",
+    "batch_size": "--batch-size",
+}
 
-    report = evaluate_model(
-        args.model,
-        data=args.data,
-        images=args.images,
-        split=args.split,
-        beams=args.beam,
-        max_length=args.max_length,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram,
-        limit=args.limit,
-        meteor=not args.no_meteor,
-        out=args.out,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-    )
+
+def run(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate_model
+    from captioner.ranges import SettingError
+
+    try:
+        report = evaluate_model(
+            args.model,
+            data=args.data,
+            images=args.images,
+            split=args.split,
+            beams=args.beam,
+            max_length=args.max_length,
+            length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram,
+            limit=args.limit,
+            meteor=not args.no_meteor,
+            out=args.out,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    except SettingError as error:
+        raise error.named(FLAGS) from None
     print("\n".join(report.table()))
     print(f"wrote {report.out / 'results.json'} and {report.out / 'captions.jsonl'}")
     return 0

@@ -88,22 +88,31 @@ def warm_up(model: "Captioner", beam_size: int, n_best: int) -> None:
     from PIL import Image
 
     size = model.preprocessing.image_size
-    model.caption(Image.new("RGB", (size, size), (128, 128, 128)), beam_size=max(beam_size, n_best), n_best=n_best)
+    model.caption(Image.new("RGB", (size, size), (128, 128, 128)), beam_size=beam_size, n_best=n_best)
+
+
+#: ServeConfig's fields as this command's flags.
+FLAGS = {name: "--" + name.replace("_", "-") for name in ("n_best", "max_batch", "batch_wait_ms", "max_upload_mb", "body_timeout_s", "header_timeout_s", "max_connections")}
+FLAGS["beam_size"] = "--beam"
 
 
 def run(args: argparse.Namespace) -> int:
+    from captioner.ranges import SettingError
     from captioner.serve.config import ServeConfig
 
-    config = ServeConfig(
-        beam_size=args.beam,
-        n_best=args.n_best,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        max_upload_mb=args.max_upload_mb,
-        body_timeout_s=args.body_timeout_s,
-        header_timeout_s=args.header_timeout_s,
-        max_connections=args.max_connections,
-    )
+    try:
+        config = ServeConfig(
+            beam_size=args.beam,
+            n_best=args.n_best,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_upload_mb=args.max_upload_mb,
+            body_timeout_s=args.body_timeout_s,
+            header_timeout_s=args.header_timeout_s,
+            max_connections=args.max_connections,
+        )
+    except SettingError as error:
+        raise error.named(FLAGS) from None
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be from 0 to 65535, not {args.port}")
     require_serving_packages()

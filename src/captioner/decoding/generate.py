@@ -1,8 +1,11 @@
 """One batched ``generate`` for every decoding strategy: greedy, beam search, sampling.
 
-All strategies run B images (x k beams, or x n samples) as one tensor batch per step. The encoder
-runs once per image and the decoder's per-image work (the attention projection of the features) is
-done once in ``init_state``; beams and samples share it by row selection.
+``generate(decoder, features, vocab, config)`` works on a decoder and the image features it reads;
+:meth:`captioner.models.captioner.Captioner.generate` encodes images and calls it. All strategies
+run B images (x k beams, or x n samples) as one tensor batch per step. The decoder's per-image work
+(the attention projection of the features) is done once in ``init_state``; beams and samples share
+it by row selection. Attention maps are over the regions the decoder reports (their count comes
+from the maps' shape).
 
 Scores are the model's own log-probabilities: ``log_softmax`` of the logits over the whole
 vocabulary. Tokens that may never be generated (<pad>, <start>, and <end> before ``min_length``) are
@@ -14,31 +17,45 @@ forcing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captioner import ranges
 from captioner.errors import ConfigError
 from captioner.models.decoder import select_state
 
 if TYPE_CHECKING:
-    from captioner.models.captioner import Captioner
+    from captioner.data.vocabulary import Vocabulary
+    from captioner.models.decoder import Decoder
 
 STRATEGIES = ("greedy", "beam", "sample")
+MAX_BEAM_SIZE = 100  # a wider beam costs memory and time in proportion and does not caption better
+MAX_NUM_RETURN = 100  # n-best list or samples per image
+MAX_LENGTH = 100  # words in a caption: decoding runs at most this many steps
+MAX_LENGTH_PENALTY = 10.0
+MAX_NO_REPEAT_NGRAM = 10
+#: Used where neither the call nor a model says otherwise.
+NEUTRAL_DEFAULTS = {"max_length": 30, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to decode. Fields that a strategy does not use are ignored by it."""
+    """How to decode. Fields that a strategy does not use are ignored by it.
+
+    ``max_length``, ``length_penalty`` and ``no_repeat_ngram_size`` left as None mean "the model's
+    own" (:meth:`with_defaults`; a checkpoint may carry its own decoding settings). Every field is
+    checked here, whichever way it came in: a :class:`~captioner.ranges.SettingError` names the field.
+    """
 
     strategy: str = "beam"
     beam_size: int = 3
     num_return: int = 1  # n-best list length (beam) or samples per image (sample)
-    max_length: int = 30  # most words per caption (<end> not counted)
+    max_length: int | None = None  # most words per caption (<end> not counted)
     min_length: int = 1  # <end> is not allowed before this many words
-    length_penalty: float = 0.0  # GNMT alpha: rank by log_prob / ((5 + n) / 6) ** alpha, n = scored tokens
-    no_repeat_ngram_size: int = 0  # block any n-gram from appearing twice in a caption (0: off)
+    length_penalty: float | None = None  # GNMT alpha: rank by log_prob / ((5 + n) / 6) ** alpha, n = scored tokens
+    no_repeat_ngram_size: int | None = None  # block any n-gram from appearing twice in a caption (0: off)
     allow_unk: bool = False  # <unk> is never generated unless this is True (it is not a word anyone wants to read)
     temperature: float = 1.0  # sample only
     top_k: int = 0  # sample only: keep the k most likely words (0: all)
@@ -48,25 +65,42 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
-        if self.beam_size < 1:
-            raise ConfigError(f"beam size must be at least 1, not {self.beam_size}")
-        if self.num_return < 1:
-            raise ConfigError(f"num_return must be at least 1, not {self.num_return}")
+            raise ranges.SettingError("strategy", f"must be one of {', '.join(STRATEGIES)}, not {ranges.shown(self.strategy)}")
+        ranges.whole_number("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
+        ranges.whole_number("num_return", self.num_return, 1, MAX_NUM_RETURN)
         if self.strategy == "beam" and self.num_return > self.beam_size:
             raise ConfigError(f"cannot return {self.num_return} captions from a beam of {self.beam_size}")
         if self.strategy == "greedy" and self.num_return != 1:
             raise ConfigError("greedy decoding returns one caption per image; use beam or sample for more")
-        if self.max_length < 1:
-            raise ConfigError(f"max_length must be at least 1, not {self.max_length}")
-        if not 0 <= self.min_length <= self.max_length:
-            raise ConfigError(f"min_length must be between 0 and max_length ({self.max_length}), not {self.min_length}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive, not {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("top_k must be >= 0 and top_p in (0, 1]")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"no_repeat_ngram_size must be >= 0, not {self.no_repeat_ngram_size}")
+        ranges.optional_whole_number("max_length", self.max_length, 1, MAX_LENGTH)
+        ranges.whole_number("min_length", self.min_length, 0, self.max_length if self.max_length is not None else MAX_LENGTH)
+        ranges.optional_number("length_penalty", self.length_penalty, 0.0, MAX_LENGTH_PENALTY)
+        ranges.optional_whole_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
+        ranges.number("temperature", self.temperature, 0.0, 100.0, low_open=True)
+        ranges.whole_number("top_k", self.top_k, 0, 1_000_000)
+        ranges.number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        ranges.optional_whole_number("seed", self.seed, 0, 2**63 - 1)
+        for name in ("allow_unk", "return_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")
+
+    @classmethod
+    def for_captions(cls, beam_size: int = 3, n_best: int = 1, **settings: Any) -> "GenerationConfig":
+        """What a caption request means: greedy for ``beam_size=1`` (unless ``n_best`` asks for more),
+        beam search otherwise, the beam widened to ``n_best`` (a beam of k holds k captions); other
+        fields pass through. Every front end (Python, command line, web) asks this way."""
+        ranges.whole_number("beam_size", beam_size, 1, MAX_BEAM_SIZE)
+        ranges.whole_number("n_best", n_best, 1, MAX_NUM_RETURN)
+        strategy = settings.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
+        return cls(strategy=strategy, beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size, num_return=n_best, **settings)
+
+    def with_defaults(self, **defaults: Any) -> "GenerationConfig":
+        """This config with its None fields (the "model's own" ones) taken from ``defaults``."""
+        missing = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return replace(self, **missing) if missing else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -93,46 +127,38 @@ def length_penalty(scored_tokens: int, alpha: float) -> float:
     return ((5.0 + scored_tokens) / 6.0) ** alpha
 
 
-def generate(model: "Captioner", images_or_features: torch.Tensor, config: GenerationConfig | None = None, **overrides: Any) -> list[list[Caption]]:
-    """Caption a batch: images (B, 3, H, W) or encoder features (B, P, D) -> B lists of captions, best first.
+def generate(decoder: "Decoder", features: torch.Tensor, vocab: "Vocabulary", config: GenerationConfig | None = None) -> list[list[Caption]]:
+    """Caption a batch: features (B, P, D) -> B lists of captions, best first.
 
-    For a model that reads V views of each image (an ensemble with a flipped view), features are
-    its encoder's (B, V * P, D); attention maps are over one view's P regions.
-
-    ``config`` fields can be overridden by keyword, e.g. ``generate(model, x, strategy="greedy")``.
-    The model is run in eval mode under ``torch.inference_mode()`` and left in the mode it was in.
+    ``features`` are what the decoder reads (an ensemble with V views reads (B, V * P, D)). Fields of
+    ``config`` left as None take :data:`NEUTRAL_DEFAULTS`. The decoder is run in eval mode under
+    ``torch.inference_mode()`` and left in the mode it was in.
     """
-    config = replace(config or GenerationConfig(), **overrides) if overrides else (config or GenerationConfig())
-    was_training = model.training
-    model.eval()
+    config = (config or GenerationConfig()).with_defaults(**NEUTRAL_DEFAULTS)
+    if features.dim() != 3:
+        raise ConfigError(f"expected features (B, P, D), got shape {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        return []
+    was_training = decoder.training
+    decoder.eval()
     try:
         with torch.inference_mode():
-            x = images_or_features.to(model.device)
-            if x.dim() == 4:
-                features = model.encode(x)  # (B, P, D)
-            elif x.dim() == 3:
-                features = x.float()
-            else:
-                raise ConfigError(f"expected images (B, 3, H, W) or features (B, P, D), got shape {tuple(x.shape)}")
-            if features.shape[0] == 0:
-                return []
             search = {"greedy": _greedy, "beam": _beam_search, "sample": _sample}[config.strategy]
-            return search(model, features, config)
+            return search(decoder, vocab, features.float(), config)
     finally:
-        model.train(was_training)
+        decoder.train(was_training)
 
 
 # ----- shared pieces ------------------------------------------------------------------------
 
 
-def _log_probs(model: "Captioner", logits: torch.Tensor, history: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+def _log_probs(vocab: "Vocabulary", logits: torch.Tensor, history: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Model log-probabilities (rows, V) with the tokens that may not come next set to -inf.
 
     Never generated: <pad>, <start>, <unk> (unless allowed), <end> before ``min_length``, a word
     that repeats an n-gram (``no_repeat_ngram_size``). Where these rules leave a row no token at
     all (a tiny vocabulary, a long ``min_length``), <end> is allowed there: decoding always ends.
     """
-    vocab = model.vocab
     model_log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs = model_log_probs.clone()
     log_probs[:, vocab.pad_id] = -math.inf
@@ -162,10 +188,10 @@ def _block_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: in
             log_probs[row, banned] = -math.inf
 
 
-def _caption(model: "Captioner", tokens: list[int], log_prob: float, finished: bool, attention: torch.Tensor | None, alpha: float) -> Caption:
+def _caption(vocab: "Vocabulary", tokens: list[int], log_prob: float, finished: bool, attention: torch.Tensor | None, alpha: float) -> Caption:
     scored = len(tokens) + (1 if finished else 0)
     return Caption(
-        text=model.vocab.decode(tokens, strip_special=False) if tokens else "",
+        text=vocab.decode(tokens, strip_special=False) if tokens else "",
         tokens=tokens,
         log_prob=log_prob,
         score=log_prob / length_penalty(scored, alpha),
@@ -174,22 +200,26 @@ def _caption(model: "Captioner", tokens: list[int], log_prob: float, finished: b
     )
 
 
+def _stack_attention(steps: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-step attention (rows, P) -> (rows, T, P); None when the decoder gave none."""
+    return torch.stack(steps, dim=1) if steps else None
+
+
 # ----- greedy ---------------------------------------------------------------------------------
 
 
-def _greedy(model: "Captioner", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
-    decoder, vocab = model.decoder, model.vocab
-    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
+def _greedy(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
+    batch, device = features.shape[0], features.device
     state = decoder.init_state(features)
-    tokens = torch.full((batch,), vocab.start_id, dtype=torch.long, device=features.device)
-    history = torch.zeros(batch, 0, dtype=torch.long, device=features.device)  # (B, t)
-    attention = features.new_zeros(batch, 0, regions)  # (B, t, P)
+    tokens = torch.full((batch,), vocab.start_id, dtype=torch.long, device=device)
+    history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, t)
+    alphas: list[torch.Tensor] = []  # per step (B, P)
     total = features.new_zeros(batch)  # (B,) log-probability so far
-    finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
-    lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=features.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, history, config)  # (B, V)
+        log_probs = _log_probs(vocab, logits, history, config)  # (B, V)
         if t == config.max_length:  # no room for another word: only <end> can still finish a caption
             ends = ~finished & (log_probs.argmax(dim=1) == vocab.end_id)
             total = torch.where(ends, total + log_probs[:, vocab.end_id], total)
@@ -203,23 +233,23 @@ def _greedy(model: "Captioner", features: torch.Tensor, config: GenerationConfig
         finished |= ends
         history = torch.cat([history, torch.where(live, best, torch.full_like(best, vocab.pad_id)).unsqueeze(1)], dim=1)
         if alpha is not None and config.return_attention:
-            attention = torch.cat([attention, alpha.unsqueeze(1)], dim=1)
+            alphas.append(alpha)
         if bool(finished.all()):
             break
         tokens = best
+    attention = _stack_attention(alphas)  # (B, T, P) or None
     results = []
     for row in range(batch):
         n = int(lengths[row])
-        words = history[row, :n].tolist()
-        row_attention = attention[row, :n] if (attention.shape[1] and config.return_attention) else None
-        results.append([_caption(model, words, float(total[row]), bool(finished[row]), row_attention, config.length_penalty)])
+        row_attention = attention[row, :n] if attention is not None else None
+        results.append([_caption(vocab, history[row, :n].tolist(), float(total[row]), bool(finished[row]), row_attention, config.length_penalty)])
     return results
 
 
 # ----- beam search ----------------------------------------------------------------------------
 
 
-def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
+def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
     """Batched beam search over B images x k beams.
 
     At each step every live beam is extended by every word; per image the 2k best extensions are
@@ -229,16 +259,14 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
     the worst of them. Beams still alive at max_length give one hypothesis each: finished if <end> is
     their most likely next token, else unfinished; so a model that never says <end> still gets captions.
     """
-    decoder, vocab = model.decoder, model.vocab
     k, alpha = config.beam_size, config.length_penalty
-    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
-    device = features.device
+    batch, device = features.shape[0], features.device
     state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))  # (B*k, ...)
     scores = features.new_full((batch, k), -math.inf)  # (B, k) log-probability of each beam
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     tokens = torch.full((batch * k,), vocab.start_id, dtype=torch.long, device=device)
     history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (B*k, t)
-    attention = features.new_zeros(batch * k, 0, regions)  # (B*k, t, P)
+    attention: torch.Tensor | None = None  # (B*k, t, P) once the decoder has given a map
     pools: list[list[tuple[float, float, list[int], torch.Tensor | None, bool]]] = [[] for _ in range(batch)]
     done = [False] * batch
     keep_attention = config.return_attention and decoder.has_attention
@@ -250,9 +278,12 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
         pool.sort(key=lambda item: -item[0])
         del pool[k:]
 
+    def row_attention(row: int) -> torch.Tensor | None:
+        return attention[row] if keep_attention and attention is not None else None
+
     for t in range(config.max_length + 1):
         logits, state, alpha_t = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, history, config)  # (B*k, V)
+        log_probs = _log_probs(vocab, logits, history, config)  # (B*k, V)
         vocab_size = log_probs.shape[1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab_size)  # (B, k*V)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2k), best first
@@ -269,11 +300,10 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
                 image = row // k
                 if done[image] or not math.isfinite(beam_scores[row]):
                     continue
-                row_attention = attention[row] if keep_attention else None
                 if ends_here[row]:
-                    add(image, beam_scores[row] + end_log_probs[row], words[row], row_attention, True)
+                    add(image, beam_scores[row] + end_log_probs[row], words[row], row_attention(row), True)
                 else:
-                    add(image, beam_scores[row], words[row], row_attention, False)
+                    add(image, beam_scores[row], words[row], row_attention(row), False)
             break
         # Extensions by <end> within the top k of their image finish a hypothesis.
         finishing = is_end & (torch.arange(top_scores.shape[1], device=device) < k) & torch.isfinite(top_scores)
@@ -283,7 +313,7 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
             for image, position in finished_at:
                 if not done[image]:
                     row = image * k + finished_origin[image][position]
-                    add(image, finished_scores[image][position], history[row].tolist(), attention[row] if keep_attention else None, True)
+                    add(image, finished_scores[image][position], history[row].tolist(), row_attention(row), True)
         # The k best extensions by a word become the next beams (there are always k among the 2k).
         live = ~is_end
         chosen = live & (live.cumsum(dim=1) <= k)  # (B, 2k), exactly k per image
@@ -293,7 +323,8 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
         state = select_state(state, next_origin, keep=decoder.image_constant_keys)  # beams never leave their image
         history = torch.cat([history[next_origin], next_word.unsqueeze(1)], dim=1)
         if keep_attention and alpha_t is not None:
-            attention = torch.cat([attention[next_origin], alpha_t[next_origin].unsqueeze(1)], dim=1)
+            previous = attention[next_origin] if attention is not None else alpha_t.new_zeros(batch * k, 0, alpha_t.shape[1])
+            attention = torch.cat([previous, alpha_t[next_origin].unsqueeze(1)], dim=1)
         scores = next_scores
         tokens = next_word
         # An image is done once its pool is full and no live beam can still beat the pool's worst.
@@ -310,23 +341,19 @@ def _beam_search(model: "Captioner", features: torch.Tensor, config: GenerationC
                 done[image] = True
         if all(done):
             break
-    results = []
-    for pool in pools:
-        results.append(
-            [_caption(model, words, log_prob, finished, row_attention, alpha) for _, log_prob, words, row_attention, finished in pool[: config.num_return]]
-        )
-    return results
+    return [
+        [_caption(vocab, words, log_prob, finished, kept_attention, alpha) for _, log_prob, words, kept_attention, finished in pool[: config.num_return]]
+        for pool in pools
+    ]
 
 
 # ----- sampling -------------------------------------------------------------------------------
 
 
-def _sample(model: "Captioner", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
+def _sample(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
     """num_return independent samples per image, with temperature / top-k / top-p filtering."""
-    decoder, vocab = model.decoder, model.vocab
     n = config.num_return
-    batch, regions = features.shape[0], features.shape[1] // len(model.views)  # attention is over one view's regions
-    device = features.device
+    batch, device = features.shape[0], features.device
     rows = batch * n
     generator = torch.Generator(device=device)
     if config.seed is not None:
@@ -336,13 +363,13 @@ def _sample(model: "Captioner", features: torch.Tensor, config: GenerationConfig
     state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(n))
     tokens = torch.full((rows,), vocab.start_id, dtype=torch.long, device=device)
     history = torch.zeros(rows, 0, dtype=torch.long, device=device)
-    attention = features.new_zeros(rows, 0, regions)
+    alphas: list[torch.Tensor] = []  # per step (rows, P)
     total = features.new_zeros(rows)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(model, logits, history, config)  # (rows, V) the model's own
+        log_probs = _log_probs(vocab, logits, history, config)  # (rows, V) the model's own
         if t == config.max_length:  # only <end> is still possible: sample whether to stop here
             end_probability = _filtered_probs(log_probs, config)[:, vocab.end_id]
             ends = ~finished & (torch.rand(rows, generator=generator, device=device) < end_probability)
@@ -357,15 +384,16 @@ def _sample(model: "Captioner", features: torch.Tensor, config: GenerationConfig
         finished |= ends
         history = torch.cat([history, torch.where(live, choice, torch.full_like(choice, vocab.pad_id)).unsqueeze(1)], dim=1)
         if alpha is not None and config.return_attention:
-            attention = torch.cat([attention, alpha.unsqueeze(1)], dim=1)
+            alphas.append(alpha)
         if bool(finished.all()):
             break
         tokens = choice
+    attention = _stack_attention(alphas)
     results: list[list[Caption]] = [[] for _ in range(batch)]
     for row in range(rows):
         length = int(lengths[row])
-        row_attention = attention[row, :length] if (attention.shape[1] and config.return_attention) else None
-        results[row // n].append(_caption(model, history[row, :length].tolist(), float(total[row]), bool(finished[row]), row_attention, config.length_penalty))
+        row_attention = attention[row, :length] if attention is not None else None
+        results[row // n].append(_caption(vocab, history[row, :length].tolist(), float(total[row]), bool(finished[row]), row_attention, config.length_penalty))
     for captions in results:
         captions.sort(key=lambda caption: -caption.score)
     return results
@@ -385,4 +413,3 @@ def _filtered_probs(log_probs: torch.Tensor, config: GenerationConfig) -> torch.
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
         probs = probs / probs.sum(dim=1, keepdim=True)
     return probs
-

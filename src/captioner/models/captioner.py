@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from captioner import ranges
 from captioner.data.images import Preprocessing
 from captioner.data.vocabulary import Vocabulary
+from captioner.decoding.generate import MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM
 from captioner.errors import CheckpointError, ConfigError
 from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, quantize_int8, read_checkpoint, save_checkpoint
 from captioner.models.decoder import Decoder, DecoderConfig
@@ -21,11 +23,10 @@ from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
 
 if TYPE_CHECKING:
-    from captioner.decoding import GenerationConfig
+    from captioner.decoding import Caption, GenerationConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "default"
 PRECISIONS = ("float32", "float16", "int8")
-MAX_LENGTH_PENALTY = MAX_NO_REPEAT_NGRAM = 10  # bounds of a model's own decoding settings
 
 
 @dataclass
@@ -78,31 +79,28 @@ class CaptionerConfig:
             values["ensemble"] = self.ensemble.to_dict()
         return values
 
+    def __post_init__(self) -> None:
+        ranges.whole_number("max_length", self.max_length, 1, MAX_LENGTH)
+        self.length_penalty = ranges.number("length_penalty", self.length_penalty, 0.0, MAX_LENGTH_PENALTY)
+        ranges.whole_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CaptionerConfig":
         for name in ("encoder", "decoder", "preprocessing", "ensemble"):
             if values.get(name) is not None and not isinstance(values[name], dict):
                 raise ConfigError(f"invalid model config: '{name}' must be an object, not {type(values[name]).__name__}")
-        max_length = values.get("max_length", 30)
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ConfigError(f"invalid model config: max_length must be a positive whole number, not {str(max_length)[:40]}")
-        length_penalty, ngram = values.get("length_penalty", 0.0), values.get("no_repeat_ngram_size", 0)
-        if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or not 0 <= length_penalty <= MAX_LENGTH_PENALTY:
-            raise ConfigError(f"invalid model config: length_penalty must be a number from 0 to {MAX_LENGTH_PENALTY}, not {str(length_penalty)[:40]}")
-        if not isinstance(ngram, int) or isinstance(ngram, bool) or not 0 <= ngram <= MAX_NO_REPEAT_NGRAM:
-            raise ConfigError(f"invalid model config: no_repeat_ngram_size must be a whole number from 0 to {MAX_NO_REPEAT_NGRAM}, not {str(ngram)[:40]}")
         try:
             preprocessing = values.get("preprocessing")
             return cls(
                 encoder=EncoderConfig.from_dict(values.get("encoder") or {}),
                 decoder=DecoderConfig.from_dict(values.get("decoder") or {}),
                 preprocessing=Preprocessing.from_dict(preprocessing) if preprocessing else None,
-                max_length=max_length,
+                max_length=values.get("max_length", 30),
                 ensemble=EnsembleConfig.from_dict(values["ensemble"]) if values.get("ensemble") is not None else None,
-                length_penalty=float(length_penalty),
-                no_repeat_ngram_size=ngram,
+                length_penalty=values.get("length_penalty", 0.0),
+                no_repeat_ngram_size=values.get("no_repeat_ngram_size", 0),
             )
-        except (TypeError, ValueError) as error:
+        except (ConfigError, TypeError, ValueError) as error:
             raise ConfigError(f"invalid model config: {error}") from None
 
 
@@ -200,32 +198,60 @@ class Captioner(nn.Module):
             combined.encoder_in_checkpoint = True
         return combined.eval()
 
-    def forward(
-        self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher-forced logits (B, T-1, V) (+ attention) for images (N, 3, H, W) and their captions."""
-        return self.decoder(self.encode(images), captions, lengths, seq_per_img)
+    def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced logits (B, T-1, V) (+ attention) for images (N, 3, H, W) and their captions
+        (B = N * captions per image, each image's captions in consecutive rows)."""
+        return self.decoder(self.encode(images), captions, lengths)
 
     # ----- captioning images -------------------------------------------------------------------
+    def settings_for(self, config: "GenerationConfig") -> "GenerationConfig":
+        """``config`` with this model's own ``max_length``, ``length_penalty`` and
+        ``no_repeat_ngram_size`` wherever it leaves them None (the shipped model's were chosen on the dev split)."""
+        return config.with_defaults(max_length=self.config.max_length, **self.config.decoding_defaults())
+
+    def generate(self, images_or_features: torch.Tensor, config: "GenerationConfig | None" = None, **overrides: Any) -> "list[list[Caption]]":
+        """Images (B, 3, H, W) or encoder features (B, P, D) -> B lists of captions, best first.
+
+        Decodes with :func:`captioner.decoding.generate` (every strategy), this model's own decoding
+        settings filling what ``config`` leaves None; ``config`` fields can be overridden by keyword,
+        e.g. ``model.generate(x, strategy="greedy")``. For a model that reads V views of each image (an
+        ensemble with a flipped view) features are its encoder's (B, V * P, D); attention maps are
+        over one view's P regions. The model is run in eval mode and left in the mode it was in.
+        """
+        from captioner.decoding import GenerationConfig, generate
+
+        config = config or GenerationConfig()
+        config = self.settings_for(dataclasses.replace(config, **overrides) if overrides else config)
+        x = images_or_features.to(self.device)
+        if x.dim() not in (3, 4):
+            raise ConfigError(f"expected images (B, 3, H, W) or features (B, P, D), got shape {tuple(x.shape)}")
+        if x.dim() == 4:
+            was_training = self.training
+            self.eval()
+            try:
+                with torch.inference_mode():
+                    x = self.encode(x)  # (B, V*P, D)
+            finally:
+                self.train(was_training)
+        return generate(self.decoder, x, self.vocab, config)
+
     def caption(
         self,
         images: Any,
         *,
         beam_size: int = 5,
         n_best: int = 1,
-        max_length: int | None = None,
-        length_penalty: float | None = None,
         batch_size: int = 16,
-        **generation: Any,
+        **settings: Any,
     ) -> "CaptionResult | list[CaptionResult]":
         """Caption one image or a list of them.
 
         ``images``: a path, a ``PIL.Image``, a numpy array (H, W[, C]), raw bytes, or a list of these.
         Returns one :class:`CaptionResult` for one image, a list for a list. ``beam_size=1`` is greedy;
-        ``length_penalty`` (GNMT alpha) and ``no_repeat_ngram_size`` default to the model's own
-        (``model.config.decoding_defaults()``: chosen on the dev split for the shipped model, off for a
-        model trained here); other :class:`~captioner.decoding.GenerationConfig` fields
-        (``strategy="sample"``, ``temperature``, ``min_length``, ...) pass through as keywords.
+        ``max_length``, ``length_penalty`` (GNMT alpha) and ``no_repeat_ngram_size`` default to the
+        model's own (``model.config.decoding_defaults()``: chosen on the dev split for the shipped
+        model, off for a model trained here); other :class:`~captioner.decoding.GenerationConfig`
+        fields (``strategy="sample"``, ``temperature``, ``min_length``, ...) pass through as keywords.
 
         >>> from captioner import Captioner
         >>> model = Captioner.load("default")
@@ -236,54 +262,35 @@ class Captioner(nn.Module):
         (8, 9, 9)
         """
         from captioner.data.images import load_image
-        from captioner.decoding import generate
+        from captioner.decoding import GenerationConfig
 
-        for name, value in (("beam_size", beam_size), ("n_best", n_best), ("batch_size", batch_size), ("max_length", max_length)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
+        ranges.whole_number("batch_size", batch_size, 1, 4096)
+        config = GenerationConfig.for_captions(beam_size, n_best, **settings)
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        config = self.generation_config(beam_size=beam_size, n_best=n_best, max_length=max_length, length_penalty=length_penalty, **generation)
         results: list[CaptionResult] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            names = [str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>" for item in chunk]
+            sources = [str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>" for item in chunk]
             pixels = torch.stack([self.preprocessing(load_image(item, draft=self.preprocessing.draft_size)) for item in chunk])  # (b, 3, S, S)
-            results.extend(self._result_with_n_best(captions, name) for name, captions in zip(names, generate(self, pixels, config)))
+            results.extend(self.caption_batch(pixels, config, sources))
         return results[0] if single else results
 
-    def generation_config(
-        self,
-        *,
-        beam_size: int = 5,
-        n_best: int = 1,
-        max_length: int | None = None,
-        length_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        **generation: Any,
-    ) -> GenerationConfig:
-        """How to decode with this model: greedy for ``beam_size=1`` (unless ``n_best`` asks for more),
-        the beam widened to ``n_best``, and the model's own ``max_length``, ``length_penalty`` and
-        ``no_repeat_ngram_size`` wherever they are None. Other fields pass through."""
-        from captioner.decoding import GenerationConfig
+    def caption_batch(self, inputs: torch.Tensor, config: "GenerationConfig", sources: "list[str] | None" = None) -> list[CaptionResult]:
+        """The one way from model inputs to results: preprocessed images (B, 3, S, S) or encoder
+        features (B, P, D) -> one :class:`CaptionResult` per image, its ``n_best`` list holding every
+        caption ``config`` asks for (best first); ``sources`` name the images. The Python API, the
+        command line, the web server and evaluation all caption through here."""
+        sources = sources if sources is not None else [""] * inputs.shape[0]
+        if len(sources) != inputs.shape[0]:
+            raise ConfigError(f"{len(sources)} sources for {inputs.shape[0]} images")
+        results = []
+        for source, captions in zip(sources, self.generate(inputs, config)):
+            found = [self._result(caption, source) for caption in captions]
+            results.append(dataclasses.replace(found[0], n_best=found))
+        return results
 
-        strategy = generation.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
-        return GenerationConfig(
-            strategy=strategy,
-            beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size,
-            num_return=n_best,
-            max_length=self.config.max_length if max_length is None else max_length,
-            length_penalty=self.config.length_penalty if length_penalty is None else length_penalty,
-            no_repeat_ngram_size=self.config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
-            **generation,
-        )
-
-    def _result_with_n_best(self, captions: list[Any], source: str) -> CaptionResult:
-        """The best caption, its ``n_best`` list holding all of them (each without an ``n_best`` of its own)."""
-        found = [self._result(caption, source) for caption in captions]
-        return dataclasses.replace(found[0], n_best=found)
-
-    def _result(self, caption: Any, source: str) -> CaptionResult:
+    def _result(self, caption: "Caption", source: str) -> CaptionResult:
         attention = None
         if caption.attention is not None and caption.attention.numel():
             regions = caption.attention.shape[1]

@@ -75,17 +75,29 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing.
 
-        features (N, P, D), one row per image; captions (N * seq_per_img, T) as <start> w1 .. wn <end>
-        <pad>.., the captions of image i in rows i*seq_per_img .. (i+1)*seq_per_img-1; lengths
-        (N * seq_per_img,) counting <start> and <end>. Returns logits (B, T-1, V) predicting
-        captions[:, 1:], and attention (B, T-1, P) for attention decoders (None otherwise). Positions
-        past a caption's end are zero and were never computed.
+        features (N, P, D), one row per image; captions (N * k, T) as <start> w1 .. wn <end> <pad>..,
+        the k captions of image i in rows i*k .. (i+1)*k-1 (k comes from the shapes, see
+        :func:`captions_per_image`); lengths (N * k,) counting <start> and <end>. Returns logits
+        (B, T-1, V) predicting captions[:, 1:], and attention (B, T-1, P) for attention decoders (None
+        otherwise). Positions past a caption's end are zero and were never computed.
+
+        ``sampling_probability`` > 0 is scheduled sampling (Bengio et al. 2015): each input word after
+        the first is, with that probability, a word sampled from the decoder's own prediction at the
+        step before instead of the reference word.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def scheduled_inputs(tokens: torch.Tensor, previous_logits: torch.Tensor, probability: float) -> torch.Tensor:
+        """Reference words (B,), each replaced with ``probability`` by a sample from the previous step's
+        prediction (B, V) (no gradient flows through the choice)."""
+        use_sample = torch.rand(tokens.shape[0], device=tokens.device) < probability
+        sampled = torch.multinomial(torch.softmax(previous_logits.detach().float(), dim=-1), 1).squeeze(1)
+        return torch.where(use_sample, sampled, tokens)
 
     def load_embeddings(self, vectors: torch.Tensor, found: torch.Tensor) -> None:
         """Copy pretrained word vectors (V, E) into the embedding rows marked in ``found`` (V,)."""
@@ -104,6 +116,14 @@ def select_state(state: DecoderState, index: torch.Tensor, *, keep: tuple[str, .
     when ``index`` only permutes rows among the beams of each image.
     """
     return {key: value if key in keep else value.index_select(0, index) for key, value in state.items()}
+
+
+def captions_per_image(features: torch.Tensor, captions: torch.Tensor) -> int:
+    """How many captions each image brings, from the shapes: captions (N * k, T) for features (N, P, D)."""
+    images, rows = features.shape[0], captions.shape[0]
+    if images == 0 or rows % images:
+        raise ConfigError(f"{rows} captions cannot be shared evenly by {images} images")
+    return rows // images
 
 
 def repeat_state(state: DecoderState, times: int) -> DecoderState:

@@ -137,22 +137,8 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(self.spec.dropout)
         self._fc: nn.Linear | None = nn.Linear(HEAD_CHANNELS, num_classes)
 
-    def stage_channels(self) -> list[int]:
-        return [self._blocks[end - 1]._bn2.num_features for end in self.stage_ends]
-
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu6(self._bn0(self._conv_stem(x)), inplace=True)  # (B, 32, H/2, W/2)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, 3, H, W) -> the output of every (remaining) stage, (B, C_i, H/s_i, W/s_i)."""
-        x = self.stem(x)  # (B, 32, H/2, W/2)
-        outputs, start = [], 0
-        for end in self.stage_ends:
-            for block in self._blocks[start:end]:
-                x = block(x)
-            outputs.append(x)
-            start = end
-        return outputs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> the last feature map: after the head conv (B, 1280, H/32, W/32) unless truncated."""

@@ -111,11 +111,11 @@ class EnsembleDecoder(Decoder):
         return mean, next_state, torch.stack(attentions).mean(dim=0) if self.has_attention else None
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_probs, attentions = [], []
         for d, v in self.pairs:
-            logits, alphas = self.members[d](self._view(features, v), captions, lengths, seq_per_img)
+            logits, alphas = self.members[d](self._view(features, v), captions, lengths, sampling_probability)
             log_probs.append(torch.log_softmax(logits.float(), dim=-1))  # (B, T-1, V)
             if alphas is not None:
                 attentions.append(self._as_seen(alphas, v))  # (B, T-1, P)

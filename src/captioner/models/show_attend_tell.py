@@ -4,7 +4,8 @@ Per step: attend over the P regions with the previous hidden state, gate the con
 beta = sigmoid(W_b h) (the paper's section 4.2.1), feed [word embedding; gated context] to the LSTM,
 predict the next word from the new hidden state (or, with ``deep_output``, from embedding + hidden +
 context as in the paper's eq. 7). The state starts from the mean feature: h0 = W_h mean(f),
-c0 = W_c mean(f). Teacher forcing runs only the rows still inside their caption at each step.
+c0 = W_c mean(f). Teacher forcing runs only the rows still inside their caption at each step;
+scheduled sampling (``sampling_probability``) feeds some steps the decoder's own sampled word instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.attention import SoftAttention
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, repeat_state, sort_by_length
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state, sort_by_length
 
 
 class ShowAttendTell(Decoder):
@@ -71,30 +72,42 @@ class ShowAttendTell(Decoder):
         return self._logits(embedded, state["h"], context), state, alpha  # (B, V)
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        state = repeat_state(self.init_state(features), seq_per_img)  # projection done per image, then shared
+        state = repeat_state(self.init_state(features), captions_per_image(features, captions))  # projection done per image, then shared
         steps = (lengths - 1).clamp(min=0)  # (B,) words to predict per caption
         order, inverse = sort_by_length(steps)
         state = {key: value[order] for key, value in state.items()}
-        embedded = self.dropout(self.embedding(captions[order]))  # (B, T, E)
+        sorted_captions = captions[order]
+        embedded = self.dropout(self.embedding(sorted_captions))  # (B, T, E)
         sorted_steps = steps[order].tolist()
         total = sorted_steps[0] if sorted_steps else 0
         batch = captions.shape[0]
-        hidden, contexts, alphas = [], [], []
+        sampling = sampling_probability > 0
+        hidden, contexts, alphas, step_logits = [], [], [], []
         active = batch
         for t in range(total):
             while active > 0 and sorted_steps[active - 1] <= t:
                 active -= 1  # rows are sorted by length: finished ones drop off the end
             state = {key: value[:active] for key, value in state.items()}
-            state, context, alpha = self._recur(embedded[:active, t], state)
+            word = embedded[:active, t]  # (active, E)
+            if sampling and t > 0:
+                tokens = self.scheduled_inputs(sorted_captions[:active, t], step_logits[-1][:active], sampling_probability)
+                word = self.dropout(self.embedding(tokens))
+            state, context, alpha = self._recur(word, state)
             hidden.append(state["h"])
             contexts.append(context)
             alphas.append(alpha)
-        # The word predictions run once, over the real steps of every caption together (one big
-        # matrix product instead of one per step); padded positions stay zero and are never computed.
+            if sampling:  # the next step samples from this one's prediction
+                step_logits.append(self._logits(word, state["h"], context))
+        # Without sampling, the word predictions run once, over the real steps of every caption
+        # together (one big matrix product instead of one per step); padded positions stay zero and
+        # are never computed.
         real = torch.arange(total, device=lengths.device) < steps[order].unsqueeze(1)  # (B, T-1)
-        if total:
+        if total and sampling:
+            logits = _stack_steps(step_logits, batch)  # (B, T-1, V)
+            alpha_grid = _stack_steps(alphas, batch)
+        elif total:
             h = _stack_steps(hidden, batch)[real]  # (real steps, H)
             context = _stack_steps(contexts, batch)[real] if self.config.deep_output else h  # (real steps, D)
             packed = self._logits(embedded[:, :total][real], h, context)  # (real steps, V)

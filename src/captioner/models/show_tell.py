@@ -3,7 +3,7 @@
 The pooled image vector (mean of the P region features) either initialises the LSTM state,
 h0 = W_h v and c0 = W_c v (``image_input="init_state"``), or is fed as the input before <start>
 from a zero state, as in the paper (``"first_step"``). Teacher forcing packs the captions so no
-step runs on padding.
+step runs on padding; scheduled sampling runs one step at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, repeat_state
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state
 
 
 class ShowTell(Decoder):
@@ -50,11 +50,13 @@ class ShowTell(Decoder):
         return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, seq_per_img: int = 1
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
     ) -> tuple[torch.Tensor, None]:
-        state = repeat_state(self.init_state(features), seq_per_img)
+        state = repeat_state(self.init_state(features), captions_per_image(features, captions))
         steps = (lengths - 1).clamp(min=1).cpu()  # (B,) words to predict per caption
         total = int(steps.max())
+        if sampling_probability > 0:
+            return self._forward_sampled(state, captions[:, :total], steps, sampling_probability), None
         embedded = self.dropout(self.embedding(captions[:, :total]))  # (B, T-1, E): inputs <start> .. w_n
         packed = pack_padded_sequence(embedded, steps, batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
@@ -62,3 +64,17 @@ class ShowTell(Decoder):
         logits_packed = self.classifier(self.dropout(output.data))  # (sum of steps, V)
         logits, _ = pad_packed_sequence(output._replace(data=logits_packed), batch_first=True, total_length=total)
         return logits, None
+
+    def _forward_sampled(self, state: DecoderState, inputs: torch.Tensor, steps: torch.Tensor, probability: float) -> torch.Tensor:
+        """Scheduled sampling: one LSTM step at a time, each input after the first the reference word
+        or (with ``probability``) a sample of the step before's prediction. Logits (B, T-1, V), zero
+        past each caption's end."""
+        h, c = state["h"].unsqueeze(0), state["c"].unsqueeze(0)  # (1, B, H)
+        per_step: list[torch.Tensor] = []
+        for t in range(inputs.shape[1]):
+            tokens = inputs[:, t] if t == 0 else self.scheduled_inputs(inputs[:, t], per_step[-1], probability)
+            output, (h, c) = self.lstm(self.dropout(self.embedding(tokens)).unsqueeze(1), (h, c))  # (B, 1, H)
+            per_step.append(self.classifier(self.dropout(output.squeeze(1))))  # (B, V)
+        logits = torch.stack(per_step, dim=1)  # (B, T-1, V)
+        real = torch.arange(inputs.shape[1]) < steps.unsqueeze(1)  # (B, T-1)
+        return logits * real.unsqueeze(2).to(logits.device, logits.dtype)

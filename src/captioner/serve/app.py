@@ -47,9 +47,10 @@ from starlette.staticfiles import StaticFiles
 
 from captioner import __version__
 from captioner.errors import ImageLoadError
+from captioner.ranges import SettingError
 from captioner.serve.batching import BatcherBusy, BatcherClosed, DynamicBatcher
 from captioner.serve.captioning import ModelRunner, PreparedImage, caption_json, prepare_upload
-from captioner.serve.config import MAX_BEAM_SIZE, MAX_N_BEST, DecodeSettings, ServeConfig
+from captioner.serve.config import DecodeSettings, ServeConfig
 from captioner.serve.middleware import BodySizeLimit, InternalErrorsAsJson, UploadTimedOut, UploadTooLarge
 
 if TYPE_CHECKING:
@@ -246,21 +247,21 @@ async def read_upload(request: Request, config: ServeConfig) -> tuple[bytes, str
 
 
 def decode_settings(query: Mapping[str, str], fields: Mapping[str, str], config: ServeConfig) -> DecodeSettings:
-    """``beam_size`` and ``n_best`` from the form or the query string, checked; the beam is widened to n_best."""
-    beam_size = bounded_int("beam_size", fields.get("beam_size", query.get("beam_size")), config.beam_size, MAX_BEAM_SIZE)
-    n_best = bounded_int("n_best", fields.get("n_best", query.get("n_best")), config.n_best, MAX_N_BEST)
-    return DecodeSettings(beam_size=max(beam_size, n_best), n_best=n_best)
+    """``beam_size`` and ``n_best`` from the form or the query string (the server's defaults where absent), checked."""
+    beam_size = whole_number("beam_size", fields.get("beam_size", query.get("beam_size")), config.beam_size)
+    n_best = whole_number("n_best", fields.get("n_best", query.get("n_best")), config.n_best)
+    try:
+        return DecodeSettings(beam_size, n_best)
+    except SettingError as error:
+        raise ApiError(422, str(error)) from None
 
 
-def bounded_int(name: str, raw: str | None, default: int, top: int) -> int:
+def whole_number(name: str, raw: str | None, default: int) -> int:
     if raw is None or raw.strip() == "":
         return default
     if not re.fullmatch(r"\d{1,9}", raw.strip(), re.ASCII):  # int() would also take "1_0" and "٣"
-        raise ApiError(422, f"{name} must be a whole number from 1 to {top}, not {one_line(raw)[:20]!r}")
-    value = int(raw.strip())
-    if not 1 <= value <= top:
-        raise ApiError(422, f"{name} must be from 1 to {top}, not {value}")
-    return value
+        raise ApiError(422, f"{name} must be a whole number, not {one_line(raw)[:20]!r}")
+    return int(raw.strip())
 
 
 def safe_name(name: str) -> str:

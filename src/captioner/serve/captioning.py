@@ -95,11 +95,8 @@ class ModelRunner:
     def __call__(self, settings: DecodeSettings, images: list[PreparedImage]) -> list["CaptionResult"]:
         import torch
 
-        from captioner.decoding import generate
-
-        config = self.model.generation_config(beam_size=settings.beam_size, n_best=settings.n_best)
         pixels = torch.stack([image.pixels for image in images])  # (B, 3, S, S)
-        return [self.model._result_with_n_best(captions, "<upload>") for captions in generate(self.model, pixels, config)]
+        return self.model.caption_batch(pixels, settings.generation, ["<upload>"] * len(images))
 
 
 def attention_grids(attention: "np.ndarray | None") -> list[list[list[float]]] | None:

@@ -1,5 +1,7 @@
 """What ``captioner serve`` can be asked for: server-wide settings and the per-request decoding settings.
 
+Every bound is checked here and named by its field; ``captioner serve`` calls the fields by its flags.
+
 Besides decoding and batching, :class:`ServeConfig` bounds what one client can hold on to:
 ``max_upload_mb`` (the body size, 413), ``body_timeout_s`` (the time to send the whole body, 408),
 ``header_timeout_s`` (the time to send a request's headers, 408, or the connection is just closed
@@ -11,9 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from captioner.errors import ConfigError
+from captioner import ranges
+from captioner.decoding import GenerationConfig
 
-#: Largest beam a request may ask for: decoding cost grows with it, and wider beams rarely help.
+#: Largest beam a request may ask for: a request's cost grows with it, and wider beams rarely help.
+#: (Decoding itself allows wider beams, up to ``captioner.decoding.MAX_BEAM_SIZE``; a server bounds
+#: what one client may ask of it.)
 MAX_BEAM_SIZE = 20
 #: Most alternative captions a request may ask for.
 MAX_N_BEST = 10
@@ -24,10 +29,21 @@ MULTIPART_SLACK_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How one request wants its image decoded. Requests are only batched with equal settings."""
+    """How one request wants its image decoded (within the serving limits). Requests are only batched
+    with equal settings; ``beam_size`` is the beam that runs (widened to ``n_best``, as every way of
+    captioning widens it: :meth:`GenerationConfig.for_captions`)."""
 
     beam_size: int
     n_best: int
+
+    def __post_init__(self) -> None:
+        ranges.whole_number("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
+        ranges.whole_number("n_best", self.n_best, 1, MAX_N_BEST)
+        object.__setattr__(self, "beam_size", self.generation.beam_size)
+
+    @property
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig.for_captions(self.beam_size, self.n_best)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -35,7 +51,7 @@ class DecodeSettings:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Server-wide settings; :meth:`check` turns a bad value into a one-line :class:`ConfigError`."""
+    """Server-wide settings, each checked here (a :class:`~captioner.ranges.SettingError` names the field)."""
 
     beam_size: int = 5  # default beam for requests that do not ask
     n_best: int = 3  # default length of the n-best list
@@ -51,24 +67,14 @@ class ServeConfig:
         self.check()
 
     def check(self) -> None:
-        if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
-            raise ConfigError(f"--beam must be between 1 and {MAX_BEAM_SIZE}, not {self.beam_size}")
-        if not 1 <= self.n_best <= MAX_N_BEST:
-            raise ConfigError(f"--n-best must be between 1 and {MAX_N_BEST}, not {self.n_best}")
-        if not 1 <= self.max_batch <= 1024:
-            raise ConfigError(f"--max-batch must be between 1 and 1024, not {self.max_batch}")
-        if not 0 <= self.batch_wait_ms <= 10_000:
-            raise ConfigError(f"--batch-wait-ms must be between 0 and 10000, not {self.batch_wait_ms:g}")
-        if not 0 < self.max_upload_mb <= 1000:
-            raise ConfigError(f"--max-upload-mb must be above 0 and at most 1000, not {self.max_upload_mb:g}")
-        if self.max_pending < 1:
-            raise ConfigError(f"max_pending must be at least 1, not {self.max_pending}")
-        if not 0 < self.body_timeout_s <= 3600:
-            raise ConfigError(f"--body-timeout-s must be above 0 and at most 3600, not {self.body_timeout_s:g}")
-        if not 0 < self.header_timeout_s <= 3600:
-            raise ConfigError(f"--header-timeout-s must be above 0 and at most 3600, not {self.header_timeout_s:g}")
-        if not 1 <= self.max_connections <= 100_000:
-            raise ConfigError(f"--max-connections must be between 1 and 100000, not {self.max_connections}")
+        DecodeSettings(self.beam_size, self.n_best)
+        ranges.whole_number("max_batch", self.max_batch, 1, 1024)
+        ranges.number("batch_wait_ms", self.batch_wait_ms, 0, 10_000)
+        ranges.number("max_upload_mb", self.max_upload_mb, 0, 1000, low_open=True)
+        ranges.whole_number("max_pending", self.max_pending, 1, 1_000_000)
+        ranges.number("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
+        ranges.number("header_timeout_s", self.header_timeout_s, 0, 3600, low_open=True)
+        ranges.whole_number("max_connections", self.max_connections, 1, 100_000)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -81,7 +87,7 @@ class ServeConfig:
 
     @property
     def default_settings(self) -> DecodeSettings:
-        return DecodeSettings(beam_size=max(self.beam_size, self.n_best), n_best=self.n_best)
+        return DecodeSettings(self.beam_size, self.n_best)
 
     def limits(self) -> dict[str, Any]:
         return {

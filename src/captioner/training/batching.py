@@ -8,9 +8,13 @@ rank takes every world_size-th batch of the same plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from captioner.data.prepare import PreparedDataset
 
 
 @dataclass
@@ -48,14 +52,20 @@ class CaptionBatches:
         self.rows_of = rows_of
         self.position_of = image_positions
 
+    @classmethod
+    def for_split(cls, dataset: "PreparedDataset", split: str, *, batch_size: int, seq_per_img: int, seed: int, rank: int = 0, world_size: int = 1) -> "CaptionBatches":
+        """The plan of one split of a prepared dataset (positions are the split's image order, as in its feature cache)."""
+        captions = dataset.captions(split)
+        positions = {index: position for position, index in enumerate(dataset.split_images(split))}
+        return cls(
+            positions, captions["tokens"], captions["lengths"], captions["image_index"],
+            batch_size=batch_size, seq_per_img=seq_per_img, seed=seed, rank=rank, world_size=world_size,
+        )
+
     def __len__(self) -> int:
         """Batches per epoch for one rank."""
         total = -(-len(self.images) // self.batch_size)
         return total // self.world_size if self.world_size > 1 else total
-
-    @property
-    def captions_per_epoch(self) -> int:
-        return len(self.images) * self.seq_per_img
 
     def epoch(self, epoch: int, *, skip: int = 0) -> list[Batch]:
         """The batches of ``epoch`` for this rank, after skipping the first ``skip`` of them."""

@@ -11,7 +11,7 @@ import json
 import sys
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,11 +240,3 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
     return value
 
-
-def defaults_table() -> list[tuple[str, Any]]:
-    """(name, default) for every top-level setting, for help texts."""
-    result = []
-    for f in fields(TrainConfig):
-        if f.default is not MISSING:
-            result.append((f.name, f.default))
-    return result

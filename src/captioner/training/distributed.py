@@ -90,6 +90,15 @@ def setup(device_name: str, timeout_minutes: float = 180) -> tuple[Distributed, 
     return info, device
 
 
+def wrap_for_ddp(module: torch.nn.Module, info: Distributed, device: torch.device) -> torch.nn.Module:
+    """The module each training step runs: under DDP, a wrapper over the parameters that train *now*
+    (DDP synchronises only the gradients of parameters that required them when it was built, so it
+    is wrapped again when fine-tuning unfreezes the encoder); the module itself otherwise."""
+    if not info.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def cleanup(info: Distributed) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

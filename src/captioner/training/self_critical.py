@@ -14,7 +14,7 @@ tokenised by our vocabulary, so rewards are computed on word ids in a few millis
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from captioner.data.vocabulary import Vocabulary
 from captioner.metrics.cider import CiderD
 from captioner.models.decoder import Decoder, repeat_state, select_state
+
+if TYPE_CHECKING:
+    from captioner.data.prepare import PreparedDataset
 
 
 class CaptionRewards:
@@ -40,6 +43,14 @@ class CaptionRewards:
         for row, length, position in zip(tokens, lengths.tolist(), image_positions.tolist()):
             references[position].append([int(t) for t in row[1 : length - 1]])
         return cls(references)
+
+    @classmethod
+    def for_split(cls, dataset: "PreparedDataset", split: str) -> "CaptionRewards":
+        """Rewards against the references of a prepared split, its images in split order (as its feature cache)."""
+        captions = dataset.captions(split)
+        positions = {index: position for position, index in enumerate(dataset.split_images(split))}
+        image_positions = np.array([positions[int(i)] for i in captions["image_index"]], dtype=np.int64)
+        return cls.from_encoded(captions["tokens"], captions["lengths"], image_positions, len(positions), dataset.vocab)
 
     def __call__(self, positions: Sequence[int], captions: list[list[int]], per_image: int) -> torch.Tensor:
         """Rewards (len(captions),) of ``per_image`` captions for each image of ``positions``, in order."""

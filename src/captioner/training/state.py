@@ -1,6 +1,6 @@
-"""Training state (optimiser, scheduler, scaler, RNGs, counters) saved without pickle.
+"""A run's state and its checkpoints: ``last/`` (everything --resume needs) and ``best/`` (the best epoch's model).
 
-A nested structure of dicts, lists, numbers, strings and tensors is split in two: the tensors go to
+The training state (optimiser, scheduler, scaler, RNGs, counters) is saved without pickle. A nested structure of dicts, lists, numbers, strings and tensors is split in two: the tensors go to
 a safetensors file under their path ("optimizer/state/3/exp_avg"), everything else to JSON with a
 ``{"__tensor__": path}`` marker where a tensor was. Loading reverses it; nothing is unpickled.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +20,67 @@ from safetensors.torch import load_file
 
 from captioner.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from captioner.models.captioner import Captioner
+    from captioner.training.config import TrainConfig
+    from captioner.training.distributed import Distributed
+    from captioner.training.optimization import Optimization
+
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
+TRAIN_CONFIG = "train_config.json"
+
+
+@dataclass
+class RunState:
+    """Counters and early-stopping state: everything about progress that is not a tensor."""
+
+    epoch: int = 0  # the epoch being run (0-based)
+    step_in_epoch: int = 0  # batches of this epoch already done
+    global_step: int = 0
+    best_score: float | None = None
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    self_critical: bool = False  # the self-critical phase has started
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Checkpoints:
+    """The checkpoints of the run in ``out``: ``last/`` holds the model and the whole training state
+    (optimiser, schedule, scaler, counters, every rank's random state), so --resume continues exactly;
+    ``best/`` holds the model of the best epoch with its validation scores. Rank 0 writes them."""
+
+    def __init__(self, out: Path, dist_info: "Distributed") -> None:
+        self.out, self.dist_info = out, dist_info
+
+    def save_last(self, model: "Captioner", config: "TrainConfig", optimization: "Optimization", state: RunState) -> None:
+        """A collective: every rank calls it (weights checked equal, random states gathered)."""
+        self.dist_info.check_same_weights(model)  # what rank 0 saves is every rank's model
+        rngs = self.dist_info.gather(rng_state())
+        if self.dist_info.is_main:
+            files = dump_state({**optimization.state_dict(), "run": dict(state.__dict__), "rng": rngs})
+            files[TRAIN_CONFIG] = json.dumps(config.to_dict(), indent=2).encode()
+            model.save(self.out / "last", extra_files=files)
+        self.dist_info.barrier()
+
+    def save_best(self, model: "Captioner", config: "TrainConfig", record: dict[str, Any]) -> None:
+        if self.dist_info.is_main:
+            files = {TRAIN_CONFIG: json.dumps(config.to_dict(), indent=2).encode(), "val_scores.json": json.dumps(record, indent=2).encode()}
+            model.save(self.out / "best", extra_files=files)
+
+    def restore(self, folder: Path, model: "Captioner", optimization: "Optimization") -> tuple[RunState, list[dict[str, Any]]]:
+        """Load ``folder`` (a ``last/``) into ``model`` and ``optimization``; its run state and the ranks' random states."""
+        from captioner.models.captioner import Captioner
+
+        training_state = load_state(folder)
+        resumed = Captioner.load(folder, device=model.device)
+        model.decoder.load_state_dict(resumed.decoder.state_dict())
+        if resumed.encoder_in_checkpoint:
+            model.encoder.load_state_dict(resumed.encoder.state_dict())
+            model.encoder_in_checkpoint = True
+        optimization.load_state_dict(training_state)
+        return RunState(**training_state["run"]), training_state["rng"]
 
 
 def _split(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -1,4 +1,10 @@
-"""Evaluate a checkpoint on a split at several beam sizes; write results.json and captions.jsonl."""
+"""Evaluating a model: decode a split for real (no teacher forcing) and score it with the COCO caption metrics.
+
+:func:`decode_split` and :func:`score_split` serve validation during training and ``captioner
+evaluate``; :func:`evaluate_model` is the command: a checkpoint scored at several beam sizes, with
+``results.json`` and ``captions.jsonl`` written. Features come from the cache when the encoder is the
+installed pretrained one (frozen); a fine-tuned encoder encodes the images itself.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,78 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner import ranges
 from captioner.atomic import write_text_atomic
+from captioner.data.features import ImageFiles, raise_image_errors, split_features
 from captioner.data.prepare import PreparedDataset
+from captioner.decoding import GenerationConfig
 from captioner.device import resolve_device
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner, resolve_model_path
-from captioner.training.evaluation import decode_split, score_split, split_features
+
+if TYPE_CHECKING:
+    from captioner.models.captioner import CaptionResult
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+def decode_split(
+    model: Captioner,
+    dataset: PreparedDataset,
+    split: str,
+    config: GenerationConfig,
+    *,
+    features: "np.ndarray | None" = None,
+    limit: int = 0,
+    batch_size: int = 50,
+    workers: int = 2,
+    progress: bool = True,
+) -> "dict[int, CaptionResult]":
+    """{image index: its caption} for the split's images (the first ``limit`` of them if limit > 0),
+    from cached ``features`` (N, P, D) when given, else from the image files."""
+    indices = dataset.split_images(split)
+    if limit:
+        indices = indices[:limit]
+    results: dict[int, CaptionResult] = {}
+    bar = tqdm(total=len(indices), desc=f"decoding {split}", unit="img", disable=not progress or None, leave=False)
+    if features is not None:
+        batches = (
+            (indices[start:end], torch.from_numpy(np.asarray(features[start:end], dtype=np.float32)))  # (b, P, D)
+            for start, end in ((start, min(start + batch_size, len(indices))) for start in range(0, len(indices), batch_size))
+        )
+    else:
+        loader = DataLoader(ImageFiles([dataset.image_path(i) for i in indices], model.preprocessing), batch_size=batch_size, num_workers=workers)
+        batches = ((indices[start : start + batch_size], _checked(images, errors)) for start, (images, errors) in zip(range(0, len(indices), batch_size), loader))
+    for chunk, inputs in batches:
+        sources = [dataset.images[index]["image"] for index in chunk]
+        results.update(zip(chunk, model.caption_batch(inputs, config, sources)))
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def _checked(images: torch.Tensor, errors: Sequence[str]) -> torch.Tensor:
+    raise_image_errors(errors)
+    return images
+
+
+def score_split(dataset: PreparedDataset, captions: "dict[int, CaptionResult]", *, metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """Corpus-level COCO metrics (0-100) of each image's caption against all its references."""
+    from captioner.metrics import score_captions
+
+    generated = {index: result.text for index, result in captions.items()}
+    references = {index: dataset.images[index]["captions"] for index in captions}
+    return score_captions(generated, references, metrics=metrics)
+
+
+# ----- captioner evaluate ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -46,7 +114,7 @@ def evaluate_model(
     data: str | None = None,
     images: str | None = None,
     split: str = "test",
-    beams: list[int] = [3],
+    beams: Sequence[int] = (3,),
     max_length: int | None = None,
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
@@ -57,8 +125,11 @@ def evaluate_model(
     device: str = "auto",
     progress: bool = True,
 ) -> EvaluationReport:
-    if any(beam < 1 for beam in beams):
-        raise ConfigError("beam sizes must be at least 1")
+    """Score ``model_path`` on ``split`` at each beam size in ``beams``; write results.json and captions.jsonl."""
+    ranges.whole_number("limit", limit, 0, 10**9)
+    ranges.whole_number("batch_size", batch_size, 1, 4096)
+    settings = {"max_length": max_length, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size, "return_attention": False}
+    configs = {beam: GenerationConfig.for_captions(beam, **settings) for beam in dict.fromkeys(beams)}  # unique, in the order given
     folder = resolve_model_path(model_path)
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device)
@@ -74,16 +145,14 @@ def evaluate_model(
     metrics = [name for name in METRICS if meteor or name != "METEOR"]
     scores: dict[int, dict[str, float]] = {}
     seconds: dict[int, float] = {}
-    generated: dict[int, dict[int, Any]] = {}
-    for beam in dict.fromkeys(beams):  # unique, in the order given
-        config = model.generation_config(
-            beam_size=beam, max_length=max_length, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size, return_attention=False
-        )
+    generated: dict[int, dict[int, CaptionResult]] = {}
+    for beam, config in configs.items():
         start = time.perf_counter()
         captions = decode_split(model, dataset, split, config, features=features, limit=limit, batch_size=batch_size, progress=progress)
         seconds[beam] = time.perf_counter() - start
         scores[beam] = score_split(dataset, captions, metrics=metrics)
         generated[beam] = captions
+    used = model.settings_for(next(iter(configs.values())))  # what the model decoded with
     out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
     count = len(next(iter(generated.values())))
@@ -93,29 +162,28 @@ def evaluate_model(
         "split": split,
         "images": count,
         "metrics": "COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr-D), corpus-level, 0-100",
-        "max_length": config.max_length,
-        "length_penalty": config.length_penalty,
-        "no_repeat_ngram_size": config.no_repeat_ngram_size,
+        "max_length": used.max_length,
+        "length_penalty": used.length_penalty,
+        "no_repeat_ngram_size": used.no_repeat_ngram_size,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
     }
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     lines = []
-    first = next(iter(generated.values()))
-    for index in first:
+    for index in next(iter(generated.values())):
         entry = dataset.images[index]
         lines.append(
             json.dumps(
                 {
                     "image": entry["image"],
                     "image_id": entry["image_id"],
-                    "generated": {f"beam{beam}": generated[beam][index][0].text for beam in generated},
+                    "generated": {f"beam{beam}": generated[beam][index].text for beam in generated},
                     "references": entry["captions"],
                 }
             )
         )
     write_text_atomic(out_dir / "captions.jsonl", "\n".join(lines) + "\n")
-    return EvaluationReport(out_dir, split, count, scores, seconds, config.length_penalty, config.no_repeat_ngram_size)
+    return EvaluationReport(out_dir, split, count, scores, seconds, float(used.length_penalty or 0.0), int(used.no_repeat_ngram_size or 0))
 
 
 def trained_on(folder: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The feature cache: encode each image once with a frozen encoder, train the decoder from disk.
+"""The feature cache: encode each image once with a frozen encoder, train and evaluate the decoder from disk.
 
 One ``.npy`` file per split holds float16 features (N, P, D) in the split's image order, memory-mapped
 when read, plus a ``.json`` sidecar saying what it holds. Its name carries a key: a hash of the
@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,11 @@ from tqdm import tqdm
 from captioner.atomic import write_text_atomic
 from captioner.data.images import Preprocessing, load_image
 from captioner.errors import CaptionerError, ImageLoadError
-from captioner.models.encoder import Encoder
+
+if TYPE_CHECKING:
+    from captioner.data.prepare import PreparedDataset
+    from captioner.models.captioner import Captioner
+    from captioner.models.encoder import Encoder
 
 
 class ImageFiles(Dataset):
@@ -60,7 +64,7 @@ def raise_image_errors(errors: Sequence[str]) -> None:
             raise CaptionerError(error)
 
 
-def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Path], view: str = "plain") -> str:
+def cache_key(encoder: "Encoder", preprocessing: Preprocessing, paths: Sequence[Path], view: str = "plain") -> str:
     digest = hashlib.sha256()
     described: dict = {"encoder": encoder.config.to_dict(), "preprocessing": preprocessing.to_dict()}
     if preprocessing.resize == "crop":  # JPEGs are decoded at draft_size, which crop raised from image_size
@@ -78,7 +82,7 @@ def cache_key(encoder: Encoder, preprocessing: Preprocessing, paths: Sequence[Pa
 
 
 def cached_features(
-    encoder: Encoder,
+    encoder: "Encoder",
     preprocessing: Preprocessing,
     paths: Sequence[Path],
     cache_dir: str | Path,
@@ -102,7 +106,7 @@ def cached_features(
 
 
 def build_cache(
-    encoder: Encoder,
+    encoder: "Encoder",
     preprocessing: Preprocessing,
     paths: Sequence[Path],
     array_path: Path,
@@ -163,3 +167,57 @@ def build_cache(
             indent=2,
         ),
     )
+
+
+def split_features(
+    model: "Captioner",
+    dataset: "PreparedDataset",
+    split: str,
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> "np.ndarray | ViewFeatures | None":
+    """Cached features (N, P, D) for a split ((N, V*P, D) for a model of V views, see
+    :class:`ViewFeatures`), or None when the encoder's weights are not the package's."""
+    if model.encoder_in_checkpoint:
+        return None
+    paths = [dataset.image_path(i) for i in dataset.split_images(split)]
+    views = [
+        cached_features(
+            model.encoder,
+            model.preprocessing,
+            paths,
+            cache_dir or dataset.root / "features",
+            split,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+            view=view,
+        )
+        for view in model.views
+    ]
+    return views[0] if len(views) == 1 else ViewFeatures(views)
+
+
+class ViewFeatures:
+    """The cached features of several views of a split, read as one array (N, V*P, D): rows are
+    sliced from each view's memory-mapped file and put side by side, as the model's encoder would."""
+
+    def __init__(self, views: Sequence[np.ndarray]) -> None:
+        self.views = list(views)
+        self.shape = (len(views[0]), sum(view.shape[1] for view in views), views[0].shape[2])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        """Rows (a slice or index array: (n, V*P, D)) or one row (an int: (V*P, D)), regions side by side."""
+        return np.concatenate([np.asarray(view[rows]) for view in self.views], axis=-2)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
