@@ -50,6 +50,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="float16")
     parser.add_argument("--length-penalty", type=float, default=0.0, help="the GNMT length penalty the model decodes with by default (choose it on the dev split)")
     parser.add_argument("--no-repeat-ngram", type=int, default=0, help="the model's default: no N-gram twice in a caption (0: off; choose it on the dev split)")
+    parser.add_argument("--early-stopping", choices=("exact", "heuristic"), default="exact", help="when the model's beam search stops by default (choose it on the dev split)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", help="the prepared folder to check on (default: the first member's training data)")
     parser.add_argument("--data-path", default="data/f8k", help="what the shipped configs say the data was")
@@ -70,6 +71,7 @@ def main() -> int:
     views = ("plain", "flip") if args.flip else ("plain",)
     model = Captioner.ensemble(models, views=views) if len(models) > 1 or args.flip else models[0]
     model.config.length_penalty, model.config.no_repeat_ngram_size = args.length_penalty, args.no_repeat_ngram
+    model.config.early_stopping = args.early_stopping
     if model.config.ensemble is None:
         extra = {"train_config.json": (json.dumps(members[0]["train_config"], indent=2) + "\n").encode()}
         if members[0]["val_scores"] is not None:

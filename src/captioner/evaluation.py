@@ -26,6 +26,7 @@ from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.device import resolve_device
 from captioner.errors import ConfigError
+from captioner.locking import exclusive_writer
 from captioner.models.captioner import Captioner, resolve_model_path
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ def evaluate_model(
     max_length: int | None = None,
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    early_stopping: str | None = None,
     limit: int = 0,
     meteor: bool = True,
     out: str | None = None,
@@ -128,9 +130,19 @@ def evaluate_model(
     """Score ``model_path`` on ``split`` at each beam size in ``beams``; write results.json and captions.jsonl."""
     ranges.whole_number("limit", limit, 0, 10**9)
     ranges.whole_number("batch_size", batch_size, 1, 4096)
-    settings = {"max_length": max_length, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size, "return_attention": False}
+    settings = {"max_length": max_length, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                "early_stopping": early_stopping, "return_attention": False}
     configs = {beam: GenerationConfig.for_captions(beam, **settings) for beam in dict.fromkeys(beams)}  # unique, in the order given
     folder = resolve_model_path(model_path)
+    out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
+    with exclusive_writer(out_dir):
+        return _evaluate(folder, model_path, out_dir, configs, data=data, images=images, split=split, limit=limit, meteor=meteor, batch_size=batch_size, device=device, progress=progress)
+
+
+def _evaluate(
+    folder: Path, model_path: str, out_dir: Path, configs: dict[int, GenerationConfig], *,
+    data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, progress: bool,
+) -> EvaluationReport:  # fmt: skip
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device)
     data = data or trained_on(folder)
@@ -153,7 +165,6 @@ def evaluate_model(
         scores[beam] = score_split(dataset, captions, metrics=metrics)
         generated[beam] = captions
     used = model.settings_for(next(iter(configs.values())))  # what the model decoded with
-    out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
     out_dir.mkdir(parents=True, exist_ok=True)
     count = len(next(iter(generated.values())))
     results = {
@@ -165,6 +176,7 @@ def evaluate_model(
         "max_length": used.max_length,
         "length_penalty": used.length_penalty,
         "no_repeat_ngram_size": used.no_repeat_ngram_size,
+        "early_stopping": used.early_stopping,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
     }

@@ -202,3 +202,18 @@ def test_a_glob_picks_image_files_as_a_folder_does(models, photos):
     by_folder = run(folder, "--model", models["attention"], "--beam", 1, "--max-length", 3)
     assert by_glob.returncode == by_folder.returncode == 1  # notes.jpg and empty.jpg, in both
     assert by_glob.stdout == by_folder.stdout and "readme.txt" not in by_glob.stderr and "sub" not in by_glob.stderr
+
+
+def test_standard_input_is_an_image_and_a_url_is_said_to_be_one(models, photos):
+    _, good = photos
+    command = [sys.executable, "-m", "captioner", "caption", "-", "--model", str(models["attention"]), "--beam", "2", "--max-length", "5"]
+    piped = subprocess.run(command, input=good[1].read_bytes(), capture_output=True, timeout=300)
+    direct = run(good[1], "--model", models["attention"], "--beam", 2, "--max-length", 5)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode().split("\t", 1) == ["-", direct.stdout.split("\t", 1)[1]]
+    empty = subprocess.run(command, input=b"", capture_output=True, timeout=300)
+    assert empty.returncode == 1 and b"<standard input>: the file is empty" in empty.stderr
+    url = run("https://example.com/dog.jpg", "--model", models["attention"])
+    assert_one_line_error(url, "https://example.com/dog.jpg is a URL: captioner works offline and never downloads")
+    mixed = run("https://example.com/dog.jpg", good[0], "--model", models["attention"], "--max-length", 3)
+    assert mixed.returncode == 1 and "is a URL" in mixed.stderr and len(main_lines(mixed.stdout)) == 1

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from captioner.data.images import Preprocessing, list_images, load_image
-from captioner.errors import ImageLoadError
+from captioner.errors import ConfigError, ImageLoadError
 
 
 def _jpeg_bytes(image, **save):
@@ -189,7 +189,7 @@ def test_preprocessing_values_and_modes():
     striped.paste((255, 255, 255), (0, 0, 50, 256))  # white band on the far left is cropped away
     assert Preprocessing(image_size=224, resize="crop")(striped).max() < -0.9
     assert Preprocessing(image_size=224, resize="squash")(striped).max() > 0.9
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="resize must be 'squash' or 'crop'"):
         Preprocessing(resize="stretch")
     assert Preprocessing.from_dict(Preprocessing(image_size=96, resize="crop").to_dict()) == Preprocessing(image_size=96, resize="crop")
 
@@ -237,3 +237,19 @@ def test_crop_resizes_the_short_side_then_crops_the_centre():
     assert np.abs(got - expected).max() <= 1 and np.abs(got - expected).mean() < 0.01
     assert Preprocessing(224, resize="crop").crop_box(451, 300) == pytest.approx((80 * 451 / 385, 16 * 300 / 256, 304 * 451 / 385, 240 * 300 / 256))
     assert Preprocessing(224, resize="squash").crop_box(451, 300) == (0, 0, 451, 300)
+
+
+def test_torch_tensors_are_images_and_other_types_are_one_line_errors():
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    chw = torch.from_numpy(np.array(picture)).permute(2, 0, 1)  # (3, H, W) uint8, as torchvision gives
+    assert np.array_equal(np.asarray(load_image(chw)), np.asarray(picture))
+    as_float = np.asarray(load_image(chw.float() / 255))  # floats in [0, 1]
+    assert np.abs(as_float.astype(int) - np.asarray(picture).astype(int)).max() <= 1
+    assert load_image(chw[:1]).size == (30, 20) and load_image(chw[0]).mode == "RGB"  # one channel, or (H, W)
+    with pytest.raises(ImageLoadError, match=r"shape \(2, 3, 20, 30\) is not an image"):
+        load_image(chw.unsqueeze(0).repeat(2, 1, 1, 1))
+    for wrong, shown in [(None, "<NoneType>"), (5, "<int>"), ([1, 2], "<list>")]:
+        with pytest.raises(ImageLoadError, match=f"{shown}: not an image: give a file path, .* a torch tensor"):
+            load_image(wrong)
+    with pytest.raises(ImageLoadError, match="'': an empty path"):
+        load_image("")

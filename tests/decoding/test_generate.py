@@ -294,3 +294,55 @@ def test_config_errors():
     model = make_model()
     with pytest.raises(ConfigError, match="expected images"):
         model.generate(torch.zeros(3, 4))
+
+
+def ending_model(seed=5):
+    """A model whose captions end after a few words (<end> is likely at every step)."""
+    model = make_model("attention", seed=seed, scale=3.0)
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.end_id] = 2.0
+    return model
+
+
+def count_steps(model):
+    """Wrap the decoder's step to count how many steps decoding runs."""
+    calls = {"steps": 0}
+    step = model.decoder.step
+
+    def counted(tokens, state):
+        calls["steps"] += 1
+        return step(tokens, state)
+
+    model.decoder.step = counted
+    return calls
+
+
+@pytest.mark.parametrize("alpha, early_stopping", [(0.0, "exact"), (1.0, "heuristic"), (2.0, "heuristic")])
+def test_the_search_stops_when_every_image_is_done_however_long_max_length_is(alpha, early_stopping):
+    # the reported fault: the same captions took 12 / 22 / 82 s at max_length 100 / 300 / 1000
+    model = ending_model()
+    features = features_for(model, batch=4)
+    calls = count_steps(model)
+    found = {}
+    for max_length in (20, 100):
+        calls["steps"] = 0
+        results = model.generate(features, strategy="beam", beam_size=3, num_return=3, max_length=max_length, length_penalty=alpha, early_stopping=early_stopping)
+        found[max_length] = ([[c.tokens for c in captions] for captions in results], calls["steps"])
+        assert all(c.finished for captions in results for c in captions)
+    assert found[20] == found[100] and found[20][1] < 20
+
+
+def test_the_heuristic_stops_sooner_than_the_exact_search_and_finds_what_it_found_first():
+    model = ending_model()
+    features = features_for(model, batch=8)
+    calls = count_steps(model)
+    steps, captions = {}, {}
+    for early_stopping in ("exact", "heuristic"):
+        calls["steps"] = 0
+        results = model.generate(features, strategy="beam", beam_size=3, max_length=30, length_penalty=1.0, early_stopping=early_stopping)
+        steps[early_stopping], captions[early_stopping] = calls["steps"], [r[0] for r in results]
+    assert steps["heuristic"] < steps["exact"]
+    for exact, heuristic in zip(captions["exact"], captions["heuristic"]):
+        assert exact.score >= heuristic.score - 1e-6  # the exact search never finds worse
+    with pytest.raises(ConfigError, match="early_stopping must be one of exact, heuristic"):
+        GenerationConfig(early_stopping="never")

@@ -53,7 +53,7 @@ def test_a_models_own_decoding_settings_are_stored_and_used_unless_a_call_says_o
     assert "length_penalty" not in config and "no_repeat_ngram_size" not in config  # a plain checkpoint stays as older versions wrote it
     model.config.length_penalty, model.config.no_repeat_ngram_size = 1.5, 1
     loaded = Captioner.load(model.save(tmp_path / "ckpt"))
-    assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1}
+    assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1, "early_stopping": "exact"}
     mine = loaded.caption(image, beam_size=3, max_length=12)
     told = loaded.caption(image, beam_size=3, max_length=12, length_penalty=1.5, no_repeat_ngram_size=1)
     assert (mine.text, mine.score) == (told.text, told.score) and mine.score != pytest.approx(mine.log_prob)
@@ -210,6 +210,18 @@ def test_truncated_weights_missing_files_and_newer_format(tmp_path):
         (lambda c: json.dumps({**c, "length_penalty": "long"}), "length_penalty must be a number from 0 to 10"),
         (lambda c: json.dumps({**c, "no_repeat_ngram_size": 2.5}), "no_repeat_ngram_size must be a whole number from 0 to 10"),
         (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "mean": [0.5]}}), "one value per RGB channel"),
+        # hostile sizes and values: refused from the config alone, before anything of their size is made
+        (lambda c: json.dumps({**c, "max_length": 10_000_000}), "max_length must be a whole number from 1 to 100, not 10000000"),
+        (lambda c: json.dumps({**c, "vocab_size": 10_000_000}), "vocab_size must be a whole number from 4 to 1,000,000"),
+        (lambda c: json.dumps({**c, "decoder": {**c["decoder"], "hidden_dim": 10**6}}), "hidden_dim must be a whole number from 1 to 8,192"),
+        (lambda c: json.dumps({**c, "decoder": {**c["decoder"], "hidden_dim": 8192}}), r"does not match its config or vocabulary: .* expected"),
+        (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "image_size": 100_000}}), "image_size must be a whole number from 16 to 1,024"),
+        (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "crop_padding": -10**6}}), "crop_padding must be a whole number from 0"),
+        (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "mean": ["nan", 0.5, 0.5]}}), "mean must be a number from 0 to 1, not 'nan'"),
+        (lambda c: json.dumps({**c, "preprocessing": {**c["preprocessing"], "std": [1e-300, 0.5, 0.5]}}), "std must be a number from 0.01 to 10"),
+        (lambda c: json.dumps({**c, "decoder": {**c["decoder"], "dropout": float("nan")}}), "dropout must be a number from 0 to 1"),
+        (lambda c: json.dumps({**c, "length_penalty": float("inf")}), "length_penalty must be a number from 0 to 10"),
+        (lambda c: json.dumps(c) + " " * 1_000_001, "over the 1,000,000-byte limit"),
     ],
 )
 def test_hostile_or_wrong_config_is_one_line(tmp_path, change, message):
@@ -220,6 +232,40 @@ def test_hostile_or_wrong_config_is_one_line(tmp_path, change, message):
     with pytest.raises(CaptionerError, match=message) as error:
         Captioner.load(tmp_path / "ckpt")
     assert "\n" not in str(error.value)
+
+
+def test_a_huge_or_lying_safetensors_header_is_refused_before_it_is_read(tmp_path):
+    import struct
+    import time
+
+    make_model("attention").save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", 80_000_000) + b"{" + b" " * 1000)  # claims an 80 MB header
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="header of 80,000,000 bytes, over the 16,000,000-byte limit"):
+        Captioner.load(tmp_path / "ckpt")
+    assert time.perf_counter() - start < 5
+    header = json.dumps({"decoder.embedding.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}).encode()
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 64)  # a tensor the file cannot hold
+    with pytest.raises(CheckpointError, match="does not fit the file"):
+        Captioner.load(tmp_path / "ckpt")
+
+
+def test_weights_that_are_not_all_finite_are_refused_at_save_and_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_model("attention")
+    model.save(tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    tensors["decoder.classifier.bias"][1] = float("inf")
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"decoder\.classifier\.bias holds NaN or infinite values"):
+        Captioner.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        model.decoder.init_h.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"not saving .*decoder\.init_h\.weight holds NaN or infinite values"):
+        model.save(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
 
 
 def test_saving_over_a_checkpoint_is_atomic(tmp_path, monkeypatch):

@@ -404,3 +404,40 @@ def test_requests_past_the_queue_limit_get_503_and_the_server_recovers(checkpoin
             assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
             assert [future.result().status_code for future in waiting] == [200, 200]
             assert post_image(client, data).status_code == 200
+
+
+# ----- hosts and decoded size --------------------------------------------------------------------
+
+
+def test_a_request_for_another_host_is_refused_unless_that_host_is_allowed(checkpoint) -> None:
+    # DNS rebinding: a page on evil.example gets its name resolved to 127.0.0.1, and the browser sends Host: evil.example
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    model = Captioner.load(checkpoint)
+    with BackgroundServer(create_app(model, ServeConfig(batch_wait_ms=0))) as running, httpx.Client(base_url=running.url, timeout=30) as session:
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "10.0.0.7"):
+            assert session.get("/healthz", headers={"host": host}).status_code == 200, host
+        assert session.get("/healthz").json()["allowed_hosts"] == ["IP addresses", "localhost"]
+        for path in ("/", "/healthz", "/api/caption"):
+            assert_error(session.get(path, headers={"host": "evil.example:8000"}), 403, "'evil.example'", "--allowed-host evil.example")
+        refused = session.post("/api/caption", files={"image": ("x.png", encode(picture(3), "PNG"), "image/png")}, headers={"host": "evil.example"})
+        assert_error(refused, 403, "DNS rebinding")
+    config = ServeConfig(batch_wait_ms=0, allowed_hosts=("captions.example",))
+    with BackgroundServer(create_app(model, config)) as running, httpx.Client(base_url=running.url, timeout=30) as session:
+        assert session.get("/healthz", headers={"host": "captions.example"}).status_code == 200
+        assert session.get("/healthz", headers={"host": "evil.example"}).status_code == 403
+
+
+def test_an_image_that_decodes_to_too_many_pixels_is_refused(checkpoint) -> None:
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    config = ServeConfig(batch_wait_ms=0, max_image_pixels=150_000)
+    with BackgroundServer(create_app(Captioner.load(checkpoint), config)) as running, httpx.Client(base_url=running.url, timeout=30) as session:
+        assert session.get("/healthz").json()["limits"]["max_image_pixels"] == 150_000
+        assert_error(post_image(session, encode(picture(4, (500, 400)), "PNG"), name="wide.png"), 422, "wide.png", "500x400 pixels", "150,000")
+        # a JPEG counts at its reduced decoding size: this 1600 x 1200 photo (1.9 million pixels) decodes at 400 x 300
+        photo = encode(picture(5, (1600, 1200)), "JPEG")
+        answer = post_image(session, photo, name="photo.jpg", mime="image/jpeg")
+        assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == (1600, 1200), answer.text

@@ -84,6 +84,11 @@ def test_a_corrupt_checkpoint_is_one_line_before_binding(tmp_path, capsys, no_bi
         (["--body-timeout-s", "0"], "--body-timeout-s"),
         (["--header-timeout-s", "-1"], "--header-timeout-s"),
         (["--max-connections", "0"], "--max-connections"),
+        (["--max-image-pixels", "10"], "--max-image-pixels"),
+        (["--decode-workers", "0"], "--decode-workers"),
+        (["--allowed-host", "evil.example/path"], "--allowed-host"),
+        (["--beam", "21"], "--beam"),
+        (["--batch-wait-ms", "nan"], "--batch-wait-ms"),
     ],
 )
 def test_bad_options_are_refused_before_loading(checkpoint, capsys, no_binding, option, fragment) -> None:

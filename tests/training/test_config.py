@@ -70,3 +70,24 @@ def test_train_command_smoke_run_and_resume_with_settings_equal_to_the_defaults(
     assert main(["train", "--out", str(out), "--resume", "--epochs", "20", "--set", "patience=5", "--set", "max_steps=5", "--quiet"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["epochs"], saved["patience"], saved["decoder"]["hidden_dim"]) == (20, 5, 32)
+
+
+def every_out_of_range_setting():
+    from captioner.training.config import NUMBER_RANGES, WHOLE_NUMBER_RANGES
+
+    for name, low, high in WHOLE_NUMBER_RANGES:
+        yield name, str(low - 1)
+        yield name, str(high + 1)
+    for name, low, high, low_open in NUMBER_RANGES:
+        yield from ((name, value) for value in (repr(low - 1.0), repr(high * 2 + 1), "nan", "inf"))
+        if low_open:
+            yield name, repr(low)  # the lowest itself is excluded
+
+
+@pytest.mark.parametrize("name, value", list(every_out_of_range_setting()))
+def test_every_numeric_setting_has_a_checked_range(name, value):
+    from captioner.ranges import SettingError
+
+    with pytest.raises(SettingError) as raised:
+        TrainConfig.from_dict(apply_overrides({}, [f"{name}={value}"]))
+    assert raised.value.setting == name and "\n" not in str(raised.value)

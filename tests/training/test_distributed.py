@@ -17,7 +17,7 @@ def torchrun(*args, timeout=600):
 def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
     out = tmp_path / "run"
     settings = [
-        "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "16", "--quiet",
+        "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "8", "--quiet",
         "--set", "decoder.hidden_dim=128", "--set", "decoder.embed_dim=64", "--set", "decoder.attention_dim=64",
         "--set", "decoder_lr=3e-3", "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=3",
         "--set", "self_critical_start=2", "--set", "self_critical_lr=5e-4",  # epochs 3-4: self-critical, under DDP too

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
     from captioner.models.captioner import Captioner, CaptionResult
 
+#: The image read from standard input (``captioner caption - < photo.jpg``).
+STDIN = Path("-")
 #: With fewer images than this, no progress bar is shown.
 PROGRESS_MIN_IMAGES = 20
 PREFIX = "captioner caption"
@@ -46,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "  captioner caption photo.jpg\n"
             "  captioner caption photos/ 'more/*.png' --model runs/f8k/best --json captions.jsonl\n"
             "  captioner caption dog.jpg --n-best 3 --attention attention/\n"
+            "  curl -s https://example.com/dog.jpg | captioner caption -     (captioner itself never downloads)\n"
             "\n"
             "--json FILE writes one JSON object per captioned image:\n"
             '  {"source", "caption", "words", "score", "log_prob", "n_best": [{"caption", "score", "log_prob"}, ...]}\n'
@@ -55,13 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns (quote globs)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns (quote globs); - reads one image from standard input")
     parser.add_argument("--model", default="default", metavar="PATH", help="checkpoint folder, or 'default' for the shipped model (default)")
     parser.add_argument("--beam", type=int, default=5, metavar="K", help="beam size; 1 is greedy decoding (default 5)")
     parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
     parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
     parser.add_argument("--length-penalty", type=float, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default: the model's own, 0 unless it says otherwise)")
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
+    parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops: exact (what running to --max-length finds) or heuristic (sooner; default: the model's own)")
     parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (FILE.partial until the run ends)")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
@@ -84,7 +88,10 @@ def expand_inputs(entries: list[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     empty: list[str] = []
     for entry in entries:
-        found = list_images([entry])
+        if is_url(entry):
+            empty.append(entry)
+            continue
+        found = [STDIN] if entry == str(STDIN) else list_images([entry])
         if not found:
             empty.append(entry)
         for path in found:
@@ -95,8 +102,14 @@ def expand_inputs(entries: list[str]) -> tuple[list[Path], list[str]]:
     return paths, empty
 
 
+def is_url(entry: str) -> bool:
+    return entry.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs") and "://" in entry
+
+
 def why_nothing(entry: str) -> str:
     """Why a command-line entry gave no image to caption, in a few words."""
+    if is_url(entry):
+        return f"{entry} is a URL: captioner works offline and never downloads; save the image and caption the file"
     path = Path(entry)
     if path.is_dir():
         return f"{entry} has no image files"
@@ -109,7 +122,7 @@ def why_nothing(entry: str) -> str:
 
 def refuse_if_nothing(entries: list[str], paths: list[Path]) -> None:
     """One clear error when not a single input could be an image (all missing or matching nothing)."""
-    if any(path.exists() for path in paths):
+    if any(path == STDIN or path.exists() for path in paths):
         return
     reasons = [why_nothing(entry) for entry in entries]
     raise CaptionerError(f"no images to caption: {'; '.join(reasons)}")
@@ -135,7 +148,8 @@ def check_options(args: argparse.Namespace) -> "GenerationConfig":
     try:
         ranges.whole_number("batch_size", args.batch_size, 1, 4096)
         config = GenerationConfig.for_captions(
-            args.beam, args.n_best, max_length=args.max_length, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram
+            args.beam, args.n_best, max_length=args.max_length, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
+            early_stopping=args.early_stopping,
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
@@ -155,7 +169,7 @@ def attention_names(paths: list[Path]) -> dict[Path, str]:
     names: dict[Path, str] = {}
     taken: set[str] = set()
     for path in paths:
-        stem = path.stem or "image"
+        stem = "stdin" if path == STDIN else path.stem or "image"
         candidate, number = f"{stem}.png", 1
         while candidate.lower() in taken:
             number += 1
@@ -250,7 +264,8 @@ def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> 
     loaded = []
     for path in paths:
         try:
-            loaded.append((path, load_image(path, draft=draft)))
+            source = sys.stdin.buffer.read() if path == STDIN else path
+            loaded.append((path, load_image(source, name="<standard input>" if path == STDIN else None, draft=draft)))
         except ImageLoadError as error:
             report(f"{error} (skipped)")
     return loaded

@@ -36,19 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--length-penalty", type=float, metavar="ALPHA", help="the GNMT length penalty it decodes with unless told otherwise (default: the first model's)"
     )
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in its captions unless told otherwise, 0: off (default: the first model's)")
+    parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when its beam search stops unless told otherwise (default: the first model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from captioner.atomic import check_replaceable
     from captioner.decoding import GenerationConfig
     from captioner.errors import ConfigError
-    from captioner.evaluation import trained_on
-    from captioner.models.captioner import Captioner, resolve_model_path
+    from captioner.locking import exclusive_writer
     from captioner.ranges import SettingError
 
     views = ("plain", "flip") if args.flip else ("plain",)
@@ -58,6 +54,18 @@ def run(args: argparse.Namespace) -> int:
         GenerationConfig(length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     except SettingError as error:
         raise error.named({"length_penalty": "--length-penalty", "no_repeat_ngram_size": "--no-repeat-ngram"}) from None
+    with exclusive_writer(args.out):
+        return write_ensemble(args, views)
+
+
+def write_ensemble(args: argparse.Namespace, views: tuple[str, ...]) -> int:
+    import json
+    from pathlib import Path
+
+    from captioner.atomic import check_replaceable
+    from captioner.evaluation import trained_on
+    from captioner.models.captioner import Captioner, resolve_model_path
+
     check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
     folders = [resolve_model_path(model) for model in args.models]
     models = [Captioner.load(folder) for folder in folders]
@@ -66,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         ensemble.config.length_penalty = args.length_penalty
     if args.no_repeat_ngram is not None:
         ensemble.config.no_repeat_ngram_size = args.no_repeat_ngram
+    if args.early_stopping is not None:
+        ensemble.config.early_stopping = args.early_stopping
     members = [{"model": str(model), "trained_on": trained_on(folder)} for model, folder in zip(args.models, folders)]
     ensemble.save(args.out, precision=args.precision, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
     size = sum(path.stat().st_size for path in Path(args.out).iterdir()) / 1e6

@@ -25,10 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: the model's own, 0 unless it says otherwise)")
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
+    parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops (default: the model's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images decoded together (default 50)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             length_penalty=args.length_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram,
+            early_stopping=args.early_stopping,
             limit=args.limit,
             meteor=not args.no_meteor,
             out=args.out,

@@ -45,19 +45,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from captioner.data.formats import ReadOptions, read_dataset
     from captioner.data.prepare import PrepareOptions, prepare
+    from captioner.ranges import SettingError
 
-    options = ReadOptions(restval=args.restval, split_fractions=tuple(args.split_fractions), split=args.split)
-    dataset = read_dataset(args.captions, args.images, format=args.format, options=options)
-    report = prepare(
-        dataset,
-        args.out,
-        PrepareOptions(
+    try:  # checked before any file is read
+        prepare_options = PrepareOptions(
             min_word_freq=args.min_word_freq,
             max_length=args.max_length,
             verify_images=not args.no_verify_images,
             overwrite=args.overwrite,
             progress=not args.quiet,
-        ),
-    )
+        )
+    except SettingError as error:
+        raise error.named({"min_word_freq": "--min-word-freq", "max_length": "--max-length"}) from None
+    options = ReadOptions(restval=args.restval, split_fractions=tuple(args.split_fractions), split=args.split)
+    dataset = read_dataset(args.captions, args.images, format=args.format, options=options)
+    report = prepare(dataset, args.out, prepare_options)
     print("\n".join(report.lines()))
     return 0

@@ -54,7 +54,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "  its headers; otherwise it is answered 408 and the connection closed (a connection that\n"
             "  sends nothing is just closed). At most --max-connections (default 64) connections are\n"
             "  served at once, idle ones included; a request on one more is answered 503 (Retry-After: 1).\n"
-            "  Between requests, an idle connection is closed after 5 s."
+            "  Between requests, an idle connection is closed after 5 s.\n"
+            "\n"
+            "large images and other hosts:\n"
+            "  an image that decodes to more than --max-image-pixels (default 16,777,216 = 4096 x 4096; a\n"
+            "  JPEG counts at its reduced decoding size) is answered 422, and at most --decode-workers\n"
+            "  (default 2) uploads are decoded at once: about 15 bytes per pixel each at the peak.\n"
+            "  Requests by IP address or to localhost are served; a request naming another host (a web\n"
+            "  page reaching this server through DNS rebinding) is answered 403 unless that host is\n"
+            "  given with --allowed-host NAME (repeatable; '*' serves any)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,6 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--body-timeout-s", type=float, default=30.0, metavar="S", help="time a request's whole body may take to arrive, from its headers (default 30; 408 after it; raise it for large uploads over slow links)")
     parser.add_argument("--header-timeout-s", type=float, default=10.0, metavar="S", help="time a request's headers may take to arrive (default 10; 408 after it)")
     parser.add_argument("--max-connections", type=int, default=64, metavar="N", help="connections served at once, idle ones included (default 64; 503 beyond it)")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N", help="largest image decoded, in pixels (default 16777216; 422 beyond it)")
+    parser.add_argument("--decode-workers", type=int, default=2, metavar="N", help="uploads decoded at once (default 2)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="a host name to serve besides IP addresses and localhost (repeatable; '*' serves any)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -92,8 +103,11 @@ def warm_up(model: "Captioner", beam_size: int, n_best: int) -> None:
 
 
 #: ServeConfig's fields as this command's flags.
-FLAGS = {name: "--" + name.replace("_", "-") for name in ("n_best", "max_batch", "batch_wait_ms", "max_upload_mb", "body_timeout_s", "header_timeout_s", "max_connections")}
-FLAGS["beam_size"] = "--beam"
+FLAGS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("n_best", "max_batch", "batch_wait_ms", "max_upload_mb", "body_timeout_s", "header_timeout_s", "max_connections", "max_image_pixels", "decode_workers")
+}
+FLAGS.update(beam_size="--beam", allowed_hosts="--allowed-host")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout_s,
             header_timeout_s=args.header_timeout_s,
             max_connections=args.max_connections,
+            max_image_pixels=args.max_image_pixels,
+            decode_workers=args.decode_workers,
+            allowed_hosts=tuple(args.allowed_host),
         )
     except SettingError as error:
         raise error.named(FLAGS) from None

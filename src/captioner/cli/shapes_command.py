@@ -12,6 +12,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "shapes",
         help="generate the synthetic 'shapes' captioning set",
         description="Write images of one to three coloured shapes with true sentences about them, in any input format.",
+        epilog=(
+            "examples:\n"
+            "  captioner shapes demo/shapes --num-images 400\n"
+            "  captioner shapes demo/shapes-csv --format csv --image-size 224 --seed 1\n"
+            "  captioner prepare demo/shapes/dataset_shapes.json --out demo/prepared --min-word-freq 1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out", help="folder to write (images/ and the caption file)")
     parser.add_argument("--num-images", type=int, default=300, help="images to draw (default 300)")
@@ -22,13 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from captioner import ranges
     from captioner.data.synthetic import write_shapes_dataset
-    from captioner.errors import CaptionerError
 
-    if args.num_images < 3:
-        raise CaptionerError("--num-images must be at least 3 (one image per split)")
-    if args.image_size < 32:
-        raise CaptionerError("--image-size must be at least 32")
+    ranges.whole_number("--num-images", args.num_images, 3, 1_000_000)  # at least one image per split
+    ranges.whole_number("--image-size", args.image_size, 32, 1024)
+    ranges.whole_number("--seed", args.seed, 0, 2**32 - 1)
     paths = write_shapes_dataset(args.out, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)
     print(f"wrote {args.num_images} images and {' '.join(str(path) for path in paths)}")
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class ReadOptions:
         if self.restval not in ("train", "val", "test", "drop"):
             raise DatasetError(f"restval must be train, val, test or drop, not {self.restval!r}")
         fractions = self.split_fractions
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        if len(fractions) != 3 or not all(isinstance(f, (int, float)) and math.isfinite(f) and f >= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise DatasetError(f"split fractions must be three non-negative numbers summing to 1, not {fractions}")
         if self.split is not None and self.split not in SPLITS:
             raise DatasetError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from captioner import ranges
 from captioner.errors import ImageLoadError
 
 if TYPE_CHECKING:  # torch is imported when a tensor is made, so reading data stays light
@@ -27,6 +28,9 @@ if TYPE_CHECKING:  # torch is imported when a tensor is made, so reading data st
 #: decompression bomb; a real photo this large is pointless for a 224-pixel encoder anyway.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: Largest encoder input side (1024 px: 32 x 32 regions of a stride-32 encoder, far past what helps captions).
+MAX_INPUT_SIZE = 1024
+
 #: Suffixes that ``captioner caption DIR`` and friends treat as images.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 
@@ -34,15 +38,18 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 
 def load_image(
-    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS, draft: int | None = None
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS, draft: int | None = None, max_decoded_pixels: int | None = None
 ) -> Image.Image:
     """Read an image as RGB, whatever it was stored as.
 
-    ``source`` may be a path, raw bytes, a binary file object, a ``PIL.Image`` or a numpy array
-    (H, W), (H, W, 3) or (H, W, 4), uint8 or float in [0, 1]. ``name`` is used in error messages
+    ``source`` may be a path, raw bytes, a binary file object, a ``PIL.Image``, a numpy array
+    (H, W), (H, W, 3) or (H, W, 4), or a torch tensor (C, H, W) (or (H, W)): uint8, or float in
+    [0, 1] (pixels, not normalised ones). ``name`` is used in error messages
     when the source is not a path. The first frame of an animation is used. Transparent images are
     composited on white. ``draft`` lets JPEG decoding skip detail below that size (much faster
     for large photos that will be shrunk anyway); the result is at least ``draft`` on its short side.
+    ``max_decoded_pixels`` refuses, before decoding, an image that would decode to more pixels than
+    that (a server's memory budget: a JPEG counts at its reduced decoding size).
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, name or "<PIL image>")
@@ -52,9 +59,15 @@ def load_image(
         label = name or "<uploaded image>"
         if len(source) == 0:
             raise ImageLoadError(label, "the file is empty")
-        return _open(io.BytesIO(bytes(source)), label, max_pixels, draft)
+        return _open(io.BytesIO(bytes(source)), label, max_pixels, draft, max_decoded_pixels)
     if hasattr(source, "read"):
-        return _open(source, name or getattr(source, "name", "<stream>"), max_pixels, draft)  # type: ignore[arg-type]
+        return _open(source, name or getattr(source, "name", "<stream>"), max_pixels, draft, max_decoded_pixels)  # type: ignore[arg-type]
+    if _is_tensor(source):
+        return _from_array(_tensor_pixels(source, name or "<tensor>"), name or "<tensor>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageLoadError(f"<{type(source).__name__}>", f"not an image: give {ACCEPTED}")
+    if not str(source).strip():
+        raise ImageLoadError(repr(str(source)), f"an empty path: give {ACCEPTED}")
     path = Path(source)
     label = name or str(path)
     if not path.exists():
@@ -65,12 +78,32 @@ def load_image(
         raise ImageLoadError(label, "the file is empty")
     try:
         with open(path, "rb") as handle:
-            return _open(handle, label, max_pixels, draft)
+            return _open(handle, label, max_pixels, draft, max_decoded_pixels)
     except PermissionError:
         raise ImageLoadError(label, "permission denied") from None
 
 
-def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = None) -> Image.Image:
+#: What load_image accepts, for messages.
+ACCEPTED = "a file path, bytes, a binary file object, a PIL image, a numpy array (H, W[, C]) or a torch tensor (C, H, W)"
+
+
+def _is_tensor(source: object) -> bool:
+    return type(source).__module__.split(".")[0] == "torch" and hasattr(source, "detach")
+
+
+def _tensor_pixels(tensor: Any, label: str) -> np.ndarray:
+    """A torch image tensor (C, H, W) with C in 1, 3, 4 (or (H, W)), as a numpy array (H, W[, C])."""
+    pixels = tensor.detach().cpu()
+    if pixels.dim() == 3 and pixels.shape[0] in (1, 3, 4):
+        pixels = pixels.permute(1, 2, 0)
+    elif pixels.dim() != 2:
+        raise ImageLoadError(label, f"a tensor of shape {tuple(pixels.shape)} is not an image (C, H, W) with 1, 3 or 4 channels, or (H, W)")
+    if pixels.is_floating_point():
+        pixels = pixels.float()
+    return pixels.numpy()
+
+
+def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = None, max_decoded_pixels: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # We apply our own, lower pixel limit below, before decoding anything; Pillow's remarks on
@@ -98,8 +131,13 @@ def _open(stream: BinaryIO, label: str, max_pixels: int, draft: int | None = Non
             image.seek(0)  # first frame of an animated GIF/PNG/WebP
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", (draft, draft))
+            decoded_width, decoded_height = image.size  # what decoding will make (after a JPEG's draft)
+            if max_decoded_pixels is not None and decoded_width * decoded_height > max_decoded_pixels:
+                raise ImageLoadError(
+                    label, f"too large to decode here ({decoded_width}x{decoded_height} pixels; the limit is {max_decoded_pixels:,} pixels)"
+                )
             image.load()
-    except MemoryError:
+    except (MemoryError, ImageLoadError):
         raise
     except Exception as error:  # whatever a damaged file makes a decoder raise, it is this file's fault
         raise ImageLoadError(label, f"truncated or corrupt ({_reason(error)})") from None
@@ -187,13 +225,15 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.resize not in ("squash", "crop"):
-            raise ValueError(f"resize must be 'squash' or 'crop', not {self.resize!r}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be at least 16, not {self.image_size}")
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.mean) != 3 or len(self.std) != 3 or not all(v > 0 for v in self.std):
-            raise ValueError(f"mean and std need one value per RGB channel (std positive), not {list(self.mean)} and {list(self.std)}")
+            raise ranges.SettingError("resize", f"must be 'squash' or 'crop', not {ranges.shown(self.resize)}")
+        ranges.whole_number("image_size", self.image_size, 16, MAX_INPUT_SIZE)
+        ranges.whole_number("crop_padding", self.crop_padding, 0, MAX_INPUT_SIZE)
+        if not all(isinstance(values, (list, tuple)) and len(values) == 3 for values in (self.mean, self.std)):
+            raise ranges.SettingError("mean and std", f"need one value per RGB channel, not {ranges.shown(self.mean)} and {ranges.shown(self.std)}")
+        # Pixels are scaled to [0, 1] before normalising: a mean outside it, or a std near 0 (every
+        # pixel a huge number), makes features no encoder was trained on.
+        object.__setattr__(self, "mean", tuple(ranges.number("mean", v, 0.0, 1.0) for v in self.mean))
+        object.__setattr__(self, "std", tuple(ranges.number("std", v, 0.01, 10.0) for v in self.std))
 
     def resize_image(self, image: Image.Image) -> Image.Image:
         size = self.image_size

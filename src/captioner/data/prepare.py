@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from captioner import ranges
 from captioner.atomic import atomic_directory, check_replaceable, recover_directory, write_bytes_atomic
 from captioner.data.images import load_image
 from captioner.data.records import SPLITS, CaptionDataset
 from captioner.data.vocabulary import Vocabulary, tokenize
 from captioner.errors import CaptionerError, DatasetError, ImageLoadError
+from captioner.locking import exclusive_writer
 
 PREPARED_FORMAT = 1
 
@@ -44,6 +46,11 @@ class PrepareOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        ranges.whole_number("min_word_freq", self.min_word_freq, 1, 10**9)
+        ranges.whole_number("max_length", self.max_length, 1, 1000)
+        ranges.whole_number("workers", self.workers, 1, 256)
 
 
 @dataclass
@@ -72,13 +79,13 @@ class PrepareReport:
 
 
 def prepare(dataset: CaptionDataset, out: str | Path, options: PrepareOptions | None = None) -> PrepareReport:
-    """Check images, build the vocabulary on train, encode every split, write ``out`` atomically."""
-    options = options or PrepareOptions()
-    if options.min_word_freq < 1:
-        raise CaptionerError(f"--min-word-freq must be at least 1, not {options.min_word_freq}")
-    if options.max_length < 1:
-        raise CaptionerError(f"--max-length must be at least 1, not {options.max_length}")
-    out = Path(out)
+    """Check images, build the vocabulary on train, encode every split, write ``out`` atomically
+    (one process at a time: a second ``prepare`` into the same folder is refused while this one runs)."""
+    with exclusive_writer(out):
+        return _prepare(dataset, Path(out), options or PrepareOptions())
+
+
+def _prepare(dataset: CaptionDataset, out: Path, options: PrepareOptions) -> PrepareReport:
     image_root = dataset.image_root.resolve()
     for inside, name in [(image_root, "the image folder"), *((Path(source).resolve(), source) for source in dataset.source)]:
         if out.resolve() == inside or out.resolve() in inside.parents:

@@ -31,21 +31,22 @@ if TYPE_CHECKING:
     from captioner.models.decoder import Decoder
 
 STRATEGIES = ("greedy", "beam", "sample")
+EARLY_STOPPING = ("exact", "heuristic")
 MAX_BEAM_SIZE = 100  # a wider beam costs memory and time in proportion and does not caption better
 MAX_NUM_RETURN = 100  # n-best list or samples per image
 MAX_LENGTH = 100  # words in a caption: decoding runs at most this many steps
 MAX_LENGTH_PENALTY = 10.0
 MAX_NO_REPEAT_NGRAM = 10
 #: Used where neither the call nor a model says otherwise.
-NEUTRAL_DEFAULTS = {"max_length": 30, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
+NEUTRAL_DEFAULTS = {"max_length": 30, "length_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": "exact"}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to decode. Fields that a strategy does not use are ignored by it.
 
-    ``max_length``, ``length_penalty`` and ``no_repeat_ngram_size`` left as None mean "the model's
-    own" (:meth:`with_defaults`; a checkpoint may carry its own decoding settings). Every field is
+    ``max_length``, ``length_penalty``, ``no_repeat_ngram_size`` and ``early_stopping`` left as None
+    mean "the model's own" (:meth:`with_defaults`; a checkpoint may carry its own decoding settings). Every field is
     checked here, whichever way it came in: a :class:`~captioner.ranges.SettingError` names the field.
     """
 
@@ -61,6 +62,7 @@ class GenerationConfig:
     top_k: int = 0  # sample only: keep the k most likely words (0: all)
     top_p: float = 1.0  # sample only: keep the smallest set of words with this much probability
     seed: int | None = None  # sample only: same seed, same samples
+    early_stopping: str | None = None  # beam only: "exact" or "heuristic", when an image's search ends (see _beam_search)
     return_attention: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class GenerationConfig:
             raise ranges.SettingError("strategy", f"must be one of {', '.join(STRATEGIES)}, not {ranges.shown(self.strategy)}")
         ranges.whole_number("beam_size", self.beam_size, 1, MAX_BEAM_SIZE)
         ranges.whole_number("num_return", self.num_return, 1, MAX_NUM_RETURN)
+        if self.early_stopping is not None and self.early_stopping not in EARLY_STOPPING:
+            raise ranges.SettingError("early_stopping", f"must be one of {', '.join(EARLY_STOPPING)}, not {ranges.shown(self.early_stopping)}")
         if self.strategy == "beam" and self.num_return > self.beam_size:
             raise ConfigError(f"cannot return {self.num_return} captions from a beam of {self.beam_size}")
         if self.strategy == "greedy" and self.num_return != 1:
@@ -256,7 +260,11 @@ def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor
     ranked. An extension by <end> ranked within the top k becomes a finished hypothesis (as in
     Hugging Face's implementation, so k=1 is exactly greedy); the k best other extensions become the
     next beams. An image is done when it has k finished hypotheses and no live beam can still beat
-    the worst of them. Beams still alive at max_length give one hypothesis each: finished if <end> is
+    the worst of them: with ``early_stopping="exact"`` by any caption up to max_length (the search
+    then returns exactly what running to max_length would; under a length penalty a longer caption
+    may always score better, so the bound depends on max_length), with ``"heuristic"`` by ending
+    now (Hugging Face's default: the steps no longer grow with max_length). Without a length penalty
+    both are exact. Beams still alive at max_length give one hypothesis each: finished if <end> is
     their most likely next token, else unfinished; so a model that never says <end> still gets captions.
     """
     k, alpha = config.beam_size, config.length_penalty
@@ -333,9 +341,10 @@ def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor
             if done[image] or len(pools[image]) < k:
                 continue
             best_live = best_lives[image]
-            # A live beam's log-probability only falls; its score is best divided by the largest
+            # A live beam's log-probability only falls; its score is at best divided by the largest
             # length penalty it can still get (lp is monotone in length, so an end decides).
-            largest_penalty = max(length_penalty(t + 1, alpha), length_penalty(config.max_length + 1, alpha))
+            longest = config.max_length + 1 if config.early_stopping == "exact" else t + 1
+            largest_penalty = max(length_penalty(t + 1, alpha), length_penalty(longest, alpha))
             bound = best_live / largest_penalty if best_live < 0 else best_live
             if not math.isfinite(best_live) or pools[image][-1][0] >= bound:
                 done[image] = True

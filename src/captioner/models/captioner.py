@@ -15,9 +15,9 @@ from torch import nn
 from captioner import ranges
 from captioner.data.images import Preprocessing
 from captioner.data.vocabulary import Vocabulary
-from captioner.decoding.generate import MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM
+from captioner.decoding.generate import EARLY_STOPPING, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, NEUTRAL_DEFAULTS
 from captioner.errors import CheckpointError, ConfigError
-from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, quantize_int8, read_checkpoint, save_checkpoint
+from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, open_checkpoint, quantize_int8, save_checkpoint
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
@@ -62,10 +62,11 @@ class CaptionerConfig:
     # How this model decodes unless a call says otherwise (chosen on the dev split for the shipped model):
     length_penalty: float = 0.0  # GNMT alpha beam search ranks captions with
     no_repeat_ngram_size: int = 0  # no n-gram of this size twice in a caption (0: off)
+    early_stopping: str = "exact"  # when beam search ends: "exact" or "heuristic" (see captioner.decoding)
 
     def decoding_defaults(self) -> dict[str, Any]:
         """The model's own :class:`~captioner.decoding.GenerationConfig` settings."""
-        return {"length_penalty": self.length_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        return {"length_penalty": self.length_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size, "early_stopping": self.early_stopping}
 
     def to_dict(self) -> dict[str, Any]:
         values = {
@@ -74,7 +75,7 @@ class CaptionerConfig:
             "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
             "max_length": self.max_length,
         }
-        values.update({name: value for name, value in self.decoding_defaults().items() if value})  # older readers ignore them
+        values.update({name: value for name, value in self.decoding_defaults().items() if value != NEUTRAL_DEFAULTS[name]})  # older readers ignore them
         if self.ensemble is not None:
             values["ensemble"] = self.ensemble.to_dict()
         return values
@@ -83,6 +84,8 @@ class CaptionerConfig:
         ranges.whole_number("max_length", self.max_length, 1, MAX_LENGTH)
         self.length_penalty = ranges.number("length_penalty", self.length_penalty, 0.0, MAX_LENGTH_PENALTY)
         ranges.whole_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
+        if self.early_stopping not in EARLY_STOPPING:
+            raise ranges.SettingError("early_stopping", f"must be one of {', '.join(EARLY_STOPPING)}, not {ranges.shown(self.early_stopping)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CaptionerConfig":
@@ -99,6 +102,7 @@ class CaptionerConfig:
                 ensemble=EnsembleConfig.from_dict(values["ensemble"]) if values.get("ensemble") is not None else None,
                 length_penalty=values.get("length_penalty", 0.0),
                 no_repeat_ngram_size=values.get("no_repeat_ngram_size", 0),
+                early_stopping=values.get("early_stopping", "exact"),
             )
         except (ConfigError, TypeError, ValueError) as error:
             raise ConfigError(f"invalid model config: {error}") from None
@@ -121,6 +125,14 @@ def build_decoder(config: DecoderConfig, vocab_size: int, feature_dim: int) -> D
     return decoder
 
 
+def build_decoders(config: "CaptionerConfig", vocab_size: int, feature_dim: int) -> Decoder:
+    """The decoder a model's config describes: one, or an ensemble of several over views of the image."""
+    if config.ensemble is None:
+        return build_decoder(config.decoder, vocab_size, feature_dim)
+    members = [build_decoder(member, vocab_size, feature_dim) for member in config.ensemble.decoders]
+    return EnsembleDecoder(members, config.ensemble.views)
+
+
 class Captioner(nn.Module):
     """An image captioning model: ``features = encode(images)``, then the decoder writes words.
 
@@ -130,20 +142,13 @@ class Captioner(nn.Module):
     'a black dog is running on the grass'
     """
 
-    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True) -> None:
+    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True, encoder: Encoder | None = None) -> None:
+        """``encoder``: one already built for ``config.encoder`` (``load`` builds it first, to size the decoder)."""
         super().__init__()
         self.config = config
         self.vocab = vocab
-        encoder_config = config.encoder
-        if not pretrained_encoder and encoder_config.pretrained:
-            encoder_config = EncoderConfig.from_dict({**encoder_config.to_dict(), "pretrained": False})
-        self.encoder: Encoder = build_encoder(encoder_config)
-        self.decoder: Decoder
-        if config.ensemble is None:
-            self.decoder = build_decoder(config.decoder, len(vocab), self.encoder.feature_dim)
-        else:
-            members = [build_decoder(member, len(vocab), self.encoder.feature_dim) for member in config.ensemble.decoders]
-            self.decoder = EnsembleDecoder(members, config.ensemble.views)
+        self.encoder: Encoder = encoder if encoder is not None else build_encoder(_encoder_config(config, pretrained_encoder))
+        self.decoder: Decoder = build_decoders(config, len(vocab), self.encoder.feature_dim)
         #: The views of each image the decoder reads, side by side along the region axis.
         self.views: tuple[str, ...] = config.ensemble.views if config.ensemble is not None else ("plain",)
         self.preprocessing = config.preprocessing or self.encoder.preprocessing
@@ -308,6 +313,9 @@ class Captioner(nn.Module):
         tensors = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
         if self.encoder_in_checkpoint:
             tensors.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"not saving {path}: {name} holds NaN or infinite values (is the training diverging? try a lower learning rate)")
         if precision == "float16":
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         elif precision == "int8":
@@ -330,21 +338,35 @@ class Captioner(nn.Module):
         and all three are checked against each other.
         """
         folder = resolve_model_path(path)
-        tensors, raw_config, vocab = read_checkpoint(folder)
-        config = CaptionerConfig.from_dict({k: v for k, v in raw_config.items() if k in CONFIG_KEYS})
-        encoder_weights = raw_config.get("encoder_weights", "package")
+        stored = open_checkpoint(folder)  # config, vocabulary and tensor shapes; no weights read yet
+        config = CaptionerConfig.from_dict({k: v for k, v in stored.config.items() if k in CONFIG_KEYS})
+        encoder_weights = stored.config.get("encoder_weights", "package")
         if encoder_weights not in ("package", "checkpoint"):
-            raise CheckpointError(f"checkpoint {folder}: unknown encoder_weights {encoder_weights!r}")
-        model = cls(config, vocab, pretrained_encoder=encoder_weights == "package")
+            raise CheckpointError(f"checkpoint {folder}: unknown encoder_weights {str(encoder_weights)[:40]!r}")
+        encoder = build_encoder(_encoder_config(config, pretrained=encoder_weights == "package"))
+        # The shapes the config and vocabulary imply, from a decoder built on the meta device (no
+        # memory), checked against the stored ones before anything of the config's size is allocated.
+        with torch.device("meta"):
+            skeleton = build_decoders(config, len(stored.vocab), encoder.feature_dim)
+        expected = {f"decoder.{k}": v for k, v in skeleton.state_dict().items()}
+        if encoder_weights == "checkpoint":
+            expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+        check_tensors(folder, stored.shapes, expected)
+        tensors = stored.tensors()
+        model = cls(config, stored.vocab, encoder=encoder)
         model.encoder_in_checkpoint = encoder_weights == "checkpoint"
-        expected = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
-        if model.encoder_in_checkpoint:
-            expected.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
-        check_tensors(folder, tensors, expected)
         model.decoder.load_state_dict({k[len("decoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("decoder.")})
         if model.encoder_in_checkpoint:
             model.encoder.load_state_dict({k[len("encoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("encoder.")})
         return model.to(device).eval()
+
+
+def _encoder_config(config: CaptionerConfig, pretrained: bool) -> EncoderConfig:
+    """The model's encoder config, without the package's weights when ``pretrained`` is False (a
+    checkpoint that carries its own)."""
+    if pretrained or not config.encoder.pretrained:
+        return config.encoder
+    return EncoderConfig.from_dict({**config.encoder.to_dict(), "pretrained": False})
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +56,108 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], Vocabulary]:
-    """Read and cross-check a checkpoint folder: (tensors on CPU, config, vocabulary)."""
+#: Bounds on what a checkpoint's files may ask us to read before anything is checked: the JSON files,
+#: the safetensors header (a real one lists each tensor in ~100 bytes), and the vocabulary.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_VOCAB_BYTES = 64_000_000
+MAX_HEADER_BYTES = 16_000_000
+MAX_VOCAB_SIZE = 1_000_000
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class StoredCheckpoint:
+    """A checkpoint folder whose small parts were read and checked: config, vocabulary, and the name
+    and shape of every stored tensor (from the safetensors header). The weights are read by
+    :meth:`tensors` only once the shapes are known to match the model the config describes."""
+
+    folder: Path
+    config: dict[str, Any]
+    vocab: Vocabulary
+    shapes: dict[str, tuple[int, ...]]  # as the model sees them (int8 matrices by their own shape, no scales)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight on the CPU, float (int8 matrices dequantised), each checked to be finite."""
+        weights = self.folder / WEIGHTS
+        try:
+            tensors = load_file(str(weights), device="cpu")  # parses a JSON header and copies bytes: no code runs
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint {weights} is not a valid safetensors file (corrupt or truncated?): {_first_line(error)}") from None
+        tensors = dequantize_int8(tensors, self.folder)
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"checkpoint {self.folder}: {name} holds NaN or infinite values; the model cannot caption (was its training diverging?)")
+        return tensors
+
+
+def open_checkpoint(path: str | os.PathLike) -> StoredCheckpoint:
+    """Read and cross-check a checkpoint folder's config, vocabulary and tensor shapes; every read is bounded."""
     folder = _checkpoint_folder(Path(path))
     config = read_config(folder)
-    try:
-        vocab = Vocabulary.load(folder / VOCAB)
-    except CaptionerError as error:
-        raise CheckpointError(f"checkpoint {folder}: {error}") from None
-    if config.get("vocab_size") != len(vocab):
-        raise CheckpointError(f"checkpoint {folder}: config.json says {config.get('vocab_size')} words but vocab.json has {len(vocab)}")
+    vocab_size = config.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 4 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise CheckpointError(f"checkpoint {folder}: config.json's vocab_size must be a whole number from 4 to {MAX_VOCAB_SIZE:,}, not {str(vocab_size)[:40]}")
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {WEIGHTS}")
+    shapes = read_shapes(weights)
+    vocab_path = folder / VOCAB
+    if vocab_path.is_file() and vocab_path.stat().st_size > MAX_VOCAB_BYTES:
+        raise CheckpointError(f"checkpoint {folder}: {VOCAB} is {vocab_path.stat().st_size:,} bytes, over the {MAX_VOCAB_BYTES:,}-byte limit")
     try:
-        tensors = load_file(str(weights), device="cpu")  # parses a JSON header and copies bytes: no code runs
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {weights} is not a valid safetensors file (corrupt or truncated?): {first_line}") from None
-    return dequantize_int8(tensors, folder), config, vocab
+        vocab = Vocabulary.load(vocab_path)
+    except CaptionerError as error:
+        raise CheckpointError(f"checkpoint {folder}: {error}") from None
+    if vocab_size != len(vocab):
+        raise CheckpointError(f"checkpoint {folder}: config.json says {vocab_size} words but vocab.json has {len(vocab)}")
+    return StoredCheckpoint(folder, config, vocab, shapes)
+
+
+def read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header alone (its size bounded, every entry checked
+    against the file's length), int8 scales left out; no tensor data is read."""
+
+    def invalid(detail: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {weights} is not a valid safetensors file (corrupt or truncated?): {detail}")
+
+    size = weights.stat().st_size
+    with open(weights, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise invalid("shorter than its 8-byte header length")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise invalid(f"a header of {length:,} bytes, over the {MAX_HEADER_BYTES:,}-byte limit")
+        if 8 + length > size:
+            raise invalid(f"its header runs past the end of the file ({size:,} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError) as error:
+            raise invalid(f"its header is not JSON ({_first_line(error)})") from None
+    if not isinstance(header, dict):
+        raise invalid("its header is not a JSON object")
+    data_bytes = size - 8 - length
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(entry, dict) and entry.get("dtype") in _DTYPE_BYTES and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+        ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [*entry["shape"], *entry["data_offsets"]]) and len(entry["data_offsets"]) == 2
+        if not ok:
+            raise invalid(f"the entry of {str(name)[:60]!r} is not a tensor description")
+        start, end = entry["data_offsets"]
+        elements = 1
+        for n in entry["shape"]:
+            elements *= n
+        if not start <= end <= data_bytes or end - start != elements * _DTYPE_BYTES[entry["dtype"]]:
+            raise invalid(f"{str(name)[:60]!r} does not fit the file ({end:,} of {data_bytes:,} data bytes)")
+        if not name.endswith(INT8_SCALE):
+            shapes[name] = tuple(entry["shape"])
+    return shapes
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def quantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,6 +196,8 @@ def read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {CONFIG}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"checkpoint {config_path} is {config_path.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -144,10 +230,10 @@ def _checkpoint_folder(path: Path) -> Path:
     return path
 
 
-def check_tensors(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def check_tensors(folder: str | os.PathLike, shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor]) -> None:
     """Every expected tensor present with the right shape, and nothing else."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -156,7 +242,7 @@ def check_tensors(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], e
             parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
         raise CheckpointError(f"checkpoint {folder} does not match its config: {'; '.join(parts)}")
     for name, tensor in expected.items():
-        if tuple(tensors[name].shape) != tuple(tensor.shape):
+        if tuple(shapes[name]) != tuple(tensor.shape):
             raise CheckpointError(
-                f"checkpoint {folder} does not match its config or vocabulary: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(tensor.shape)}"
+                f"checkpoint {folder} does not match its config or vocabulary: {name} has shape {tuple(shapes[name])}, expected {tuple(tensor.shape)}"
             )

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from captioner import ranges
 from captioner.errors import ConfigError
 
 DecoderState = dict[str, torch.Tensor]
 
 DECODER_KINDS = ("attention", "show_tell")
+MAX_WIDTH = 8192  # embedding, hidden and attention sizes: a 512-wide LSTM is the classic captioner
 
 
 @dataclass
@@ -38,10 +40,13 @@ class DecoderConfig:
         if self.image_input not in ("init_state", "first_step"):
             raise ConfigError(f"image_input must be 'init_state' or 'first_step', not {self.image_input!r}")
         for name in ("embed_dim", "hidden_dim", "attention_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+            ranges.whole_number(name, getattr(self, name), 1, MAX_WIDTH)
+        self.dropout = ranges.number("dropout", self.dropout, 0.0, 1.0)
+        if self.dropout == 1.0:
+            raise ranges.SettingError("dropout", "must be below 1 (1 drops everything)")
+        for name in ("deep_output", "freeze_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +112,12 @@ class Decoder(nn.Module):
         with torch.no_grad():
             embedding.weight[found] = vectors[found].to(embedding.weight.dtype)
         embedding.weight.requires_grad_(not self.config.freeze_embeddings)
+
+
+def word_embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """The word embedding every decoder starts from: uniform in [-0.1, 0.1] (as sgrvinod's tutorial),
+    drawn once (building it on the meta device, to check a checkpoint's shapes, then costs nothing)."""
+    return nn.Embedding(vocab_size, dim, padding_idx=0, _weight=torch.empty(vocab_size, dim).uniform_(-0.1, 0.1))
 
 
 def select_state(state: DecoderState, index: torch.Tensor, *, keep: tuple[str, ...] = ()) -> DecoderState:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.models.attention import SoftAttention
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state, sort_by_length
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state, word_embedding, sort_by_length
 
 
 class ShowAttendTell(Decoder):
@@ -26,7 +26,7 @@ class ShowAttendTell(Decoder):
         super().__init__()
         self.config, self.vocab_size, self.feature_dim = config, vocab_size, feature_dim
         E, H, D = config.embed_dim, config.hidden_dim, feature_dim
-        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
+        self.embedding = word_embedding(vocab_size, E)
         self.attention = SoftAttention(D, H, config.attention_dim)
         self.init_h = nn.Linear(D, H)
         self.init_c = nn.Linear(D, H)
@@ -39,7 +39,6 @@ class ShowAttendTell(Decoder):
             self.classifier = nn.Linear(E, vocab_size)
         else:
             self.classifier = nn.Linear(H, vocab_size)
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.classifier.bias)
         nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
 

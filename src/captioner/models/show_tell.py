@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state, word_embedding
 
 
 class ShowTell(Decoder):
@@ -22,7 +22,7 @@ class ShowTell(Decoder):
         super().__init__()
         self.config, self.vocab_size, self.feature_dim = config, vocab_size, feature_dim
         E, H, D = config.embed_dim, config.hidden_dim, feature_dim
-        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
+        self.embedding = word_embedding(vocab_size, E)
         if config.image_input == "init_state":
             self.init_h = nn.Linear(D, H)
             self.init_c = nn.Linear(D, H)
@@ -31,7 +31,6 @@ class ShowTell(Decoder):
         self.lstm = nn.LSTM(E, H, batch_first=True)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(H, vocab_size)
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.classifier.bias)
         nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
 

@@ -28,7 +28,6 @@ Routes:
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -51,7 +50,7 @@ from captioner.ranges import SettingError
 from captioner.serve.batching import BatcherBusy, BatcherClosed, DynamicBatcher
 from captioner.serve.captioning import ModelRunner, PreparedImage, caption_json, prepare_upload
 from captioner.serve.config import DecodeSettings, ServeConfig
-from captioner.serve.middleware import BodySizeLimit, InternalErrorsAsJson, UploadTimedOut, UploadTooLarge
+from captioner.serve.middleware import AllowedHosts, BodySizeLimit, InternalErrorsAsJson, UploadTimedOut, UploadTooLarge
 
 if TYPE_CHECKING:
     from captioner.models.captioner import Captioner, CaptionResult
@@ -65,9 +64,6 @@ CONTENT_SECURITY_POLICY = (
 DECODER_NAMES = {"attention": "Show, Attend and Tell", "show_tell": "Show and Tell"}
 #: Upload names are echoed in error messages: keep them short and on one line.
 MAX_NAME_CHARS = 80
-#: Uploads decoded at the same time: a decoded photo can take hundreds of MB, so a flood of large
-#: uploads must not all be decoded at once. More than the cores would not be faster anyway.
-DECODE_WORKERS = max(2, os.cpu_count() or 1)
 
 
 class ApiError(Exception):
@@ -100,7 +96,9 @@ def create_app(model: "Captioner", config: ServeConfig | None = None, *, model_n
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        decoders[:] = [anyio.CapacityLimiter(DECODE_WORKERS)]
+        # Uploads decoded at the same time: a decoded photo can take hundreds of MB (about 15 bytes
+        # per pixel at the peak of PNG decoding), so a flood of large uploads is decoded a few at a time.
+        decoders[:] = [anyio.CapacityLimiter(config.decode_workers)]
         batcher.start()
         try:
             yield
@@ -113,6 +111,7 @@ def create_app(model: "Captioner", config: ServeConfig | None = None, *, model_n
     app.state.model = model
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit_bytes=config.max_body_bytes, described_limit=config.max_upload_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(AllowedHosts, allowed=config.allowed_hosts)
     app.add_middleware(InternalErrorsAsJson)  # added last: the outermost, so it sees every failure
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -136,6 +135,7 @@ def create_app(model: "Captioner", config: ServeConfig | None = None, *, model_n
             "model": model_info(model, model_name),
             "defaults": config.default_settings.to_dict(),
             "limits": config.limits(),
+            "allowed_hosts": ["IP addresses", "localhost", *config.allowed_hosts],
             "batching": {"max_batch": config.max_batch, "wait_ms": config.batch_wait_ms, **batcher.stats().to_dict()},
             "uptime_s": round(time.monotonic() - started, 3),
         }
@@ -148,7 +148,7 @@ def create_app(model: "Captioner", config: ServeConfig | None = None, *, model_n
         settings = decode_settings(request.query_params, fields, config)
         received = time.perf_counter()
         try:
-            prepared = await anyio.to_thread.run_sync(prepare_upload, data, name, model.preprocessing, limiter=decoders[0])
+            prepared = await anyio.to_thread.run_sync(prepare_upload, data, name, model.preprocessing, config.max_image_pixels, limiter=decoders[0])
         except ImageLoadError as error:
             status = 415 if error.reason.startswith("not an image") else 422
             raise ApiError(status, str(error)) from None

@@ -60,11 +60,13 @@ def encoder_region(width: int, height: int, preprocessing: "Preprocessing") -> R
     return Region(left / width, top / height, right / width, bottom / height)
 
 
-def prepare_upload(data: bytes, name: str, preprocessing: "Preprocessing") -> PreparedImage:
-    """Decode an uploaded file (raises :class:`~captioner.errors.ImageLoadError`) into encoder input."""
+def prepare_upload(data: bytes, name: str, preprocessing: "Preprocessing", max_pixels: int | None = None) -> PreparedImage:
+    """Decode an uploaded file (raises :class:`~captioner.errors.ImageLoadError`, also for an image of
+    more than ``max_pixels`` decoded pixels) into encoder input."""
     from captioner.data.images import load_image
 
-    image = load_image(data, name=name, draft=preprocessing.draft_size)  # JPEG: decode at reduced size, much faster for photos
+    # JPEG: decoded at reduced size, much faster for photos (and what max_pixels counts)
+    image = load_image(data, name=name, draft=preprocessing.draft_size, max_decoded_pixels=max_pixels)
     width, height = shown_size(data, fallback=image.size)
     return PreparedImage(preprocessing(image), width, height, encoder_region(width, height, preprocessing))
 

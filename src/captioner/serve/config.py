@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from captioner import ranges
+from captioner.data.images import MAX_IMAGE_PIXELS
 from captioner.decoding import GenerationConfig
 
 #: Largest beam a request may ask for: a request's cost grows with it, and wider beams rarely help.
@@ -62,6 +63,9 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # the whole request body must arrive within this, from its headers (408)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this, from the connection or the last answer
     max_connections: int = 64  # connections open at once (idle and slow ones too); a request on one more gets 503
+    max_image_pixels: int = 4096 * 4096  # largest image decoded (after a JPEG's reduced-size decoding), in pixels (422 beyond)
+    decode_workers: int = 2  # uploads decoded at once: with max_image_pixels, what bounds the memory of decoding
+    allowed_hosts: tuple[str, ...] = ()  # host names served besides IP addresses and localhost ("*": any)
 
     def __post_init__(self) -> None:
         self.check()
@@ -75,6 +79,12 @@ class ServeConfig:
         ranges.number("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
         ranges.number("header_timeout_s", self.header_timeout_s, 0, 3600, low_open=True)
         ranges.whole_number("max_connections", self.max_connections, 1, 100_000)
+        ranges.whole_number("max_image_pixels", self.max_image_pixels, 64 * 64, MAX_IMAGE_PIXELS)
+        ranges.whole_number("decode_workers", self.decode_workers, 1, 64)
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
+        for host in self.allowed_hosts:
+            if not isinstance(host, str) or not host.strip() or any(ch in host for ch in " /\\:@"):
+                raise ranges.SettingError("allowed_hosts", f"must be host names (or *), not {ranges.shown(host)}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -98,4 +108,6 @@ class ServeConfig:
             "body_timeout_s": self.body_timeout_s,
             "header_timeout_s": self.header_timeout_s,
             "max_connections": self.max_connections,
+            "max_image_pixels": self.max_image_pixels,
+            "decode_workers": self.decode_workers,
         }

@@ -177,3 +177,48 @@ class InternalErrorsAsJson:
                 raise  # too late for a clean answer: let the server drop the connection
             detail = " ".join(str(error).split())
             await send_json_error(send, 500, f"internal error: {type(error).__name__}: {detail}" if detail else f"internal error: {type(error).__name__}")
+
+
+def host_of(header: str) -> str:
+    """The host name of a Host header, lower-cased, without its port ('[::1]:8000' -> '::1')."""
+    header = header.strip().lower()
+    if header.startswith("["):  # an IPv6 literal
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def is_ip_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class AllowedHosts:
+    """Answers 403 to a request whose Host header names a host the server was not told it is.
+
+    A web page can reach a server on this machine through DNS rebinding (a name it controls that
+    suddenly resolves to 127.0.0.1): the browser then sends that name as the Host. Requests by IP
+    address and to ``localhost`` are always served (a rebinding attack needs a name); other names
+    only when listed (``--allowed-host NAME``; ``*`` serves any).
+    """
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = {name.lower() for name in allowed}
+
+    def allows(self, host: str) -> bool:
+        return "*" in self.allowed or host in self.allowed or host == "localhost" or host.endswith(".localhost") or is_ip_address(host)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"host"), None)
+            if header is not None and not self.allows(host_of(header)):
+                shown = "".join(ch if ch.isprintable() else "?" for ch in host_of(header))[:80]
+                message = f"host {shown!r} is not served here (DNS rebinding protection); start the server with --allowed-host {shown} to serve it"
+                await send_json_error(send, 403, message, close=True)
+                return
+        await self.app(scope, receive, send)

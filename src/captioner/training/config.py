@@ -15,12 +15,52 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from captioner import ranges
+from captioner.data.images import MAX_INPUT_SIZE
 from captioner.errors import ConfigError
 from captioner.models.decoder import DecoderConfig
 from captioner.models.encoder import EncoderConfig
 
 SCHEDULES = ("constant", "step", "plateau", "cosine")
 METRICS_FOR_STOPPING = ("CIDEr-D", "BLEU-4", "METEOR", "ROUGE-L")
+#: (setting, lowest, highest) of every whole-number setting (see also validate()).
+WHOLE_NUMBER_RANGES = (
+    ("epochs", 1, 10_000),
+    ("batch_size", 1, 4096),
+    ("seq_per_img", 1, 100),
+    ("warmup_steps", 0, 10**9),
+    ("lr_step_epochs", 1, 10_000),
+    ("plateau_patience", 0, 10_000),
+    ("scheduled_sampling_start", -1, 10_000),
+    ("scheduled_sampling_every", 1, 10_000),
+    ("self_critical_start", -1, 10_000),
+    ("self_critical_samples", 2, 100),
+    ("fine_tune_encoder", 0, 100),
+    ("fine_tune_from_epoch", 0, 10_000),
+    ("val_max_images", 0, 10**9),
+    ("patience", 0, 10_000),
+    ("seed", 0, 2**32 - 1),  # numpy's seeds are 32-bit
+    ("workers", 0, 64),
+    ("encode_batch_size", 1, 4096),
+    ("save_every_steps", 0, 10**9),
+    ("max_steps", 0, 10**12),
+)
+#: (setting, lowest, highest, lowest excluded) of every real-number setting: all must be finite.
+NUMBER_RANGES = (
+    ("decoder_lr", 0.0, 1.0, True),
+    ("encoder_lr", 0.0, 1.0, True),
+    ("weight_decay", 0.0, 1.0, False),
+    ("grad_clip", 0.0, 1e6, False),
+    ("label_smoothing", 0.0, 1.0, False),
+    ("attention_regularization", 0.0, 1000.0, False),
+    ("lr_gamma", 0.0, 1.0, True),
+    ("plateau_factor", 0.0, 1.0, True),
+    ("min_lr", 0.0, 1.0, False),
+    ("scheduled_sampling_increase", 0.0, 1.0, False),
+    ("scheduled_sampling_max", 0.0, 1.0, False),
+    ("self_critical_lr", 0.0, 1.0, True),
+    ("distributed_timeout_minutes", 0.0, 7 * 24 * 60, True),
+)
 
 
 @dataclass
@@ -86,29 +126,28 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Every setting in its range (a :class:`~captioner.ranges.SettingError` names the first that is not),
+        and the combinations that cannot work refused."""
+        from captioner.decoding.generate import MAX_BEAM_SIZE, MAX_LENGTH
+
+        whole, number = ranges.whole_number, ranges.number
+        for name, low, high in WHOLE_NUMBER_RANGES + (("val_beam_size", 1, MAX_BEAM_SIZE), ("max_length", 1, MAX_LENGTH), ("self_critical_max_length", 1, MAX_LENGTH)):
+            whole(name, getattr(self, name), low, high)
+        for name, low, high, low_open in NUMBER_RANGES:
+            number(name, getattr(self, name), low, high, low_open=low_open)
+        ranges.optional_whole_number("image_size", self.image_size, 32, MAX_INPUT_SIZE)
+        choices = [
+            ("schedule", SCHEDULES),
+            ("resize", ("squash", "crop")),
+            ("amp", ("auto", "off", "bf16", "fp16")),
+            ("nan_policy", ("skip", "stop")),
+            ("early_stopping_metric", METRICS_FOR_STOPPING),
+        ]
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ranges.SettingError(name, f"must be one of {', '.join(allowed)}, not {ranges.shown(getattr(self, name))}")
         checks = [
-            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, not {self.batch_size}"),
-            (self.seq_per_img >= 1, f"seq_per_img must be at least 1, not {self.seq_per_img}"),
-            (self.decoder_lr > 0 and self.encoder_lr > 0, "learning rates must be positive"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.attention_regularization >= 0, "attention_regularization must be >= 0"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
-            (self.resize in ("squash", "crop"), f"resize must be squash or crop, not {self.resize!r}"),
-            (self.amp in ("auto", "off", "bf16", "fp16"), f"amp must be auto, off, bf16 or fp16, not {self.amp!r}"),
-            (self.nan_policy in ("skip", "stop"), f"nan_policy must be skip or stop, not {self.nan_policy!r}"),
-            (self.val_beam_size >= 1, "val_beam_size must be at least 1"),
-            (self.early_stopping_metric in METRICS_FOR_STOPPING, f"early_stopping_metric must be one of {', '.join(METRICS_FOR_STOPPING)}"),
-            (self.max_length >= 1, "max_length must be at least 1"),
-            (self.distributed_timeout_minutes > 0, "distributed_timeout_minutes must be positive"),
-            (self.fine_tune_encoder >= 0, "fine_tune_encoder must be >= 0"),
-            (self.image_size is None or self.image_size >= 32, "image_size must be at least 32"),
-            (0 <= self.scheduled_sampling_max <= 1, "scheduled_sampling_max must be in [0, 1]"),
-            (self.self_critical_start >= -1, "self_critical_start must be an epoch (0-based), or -1 for never"),
-            (self.self_critical_lr > 0, "self_critical_lr must be positive"),
-            (self.self_critical_samples >= 2, "self_critical_samples must be at least 2 (each sample's baseline is the others' mean)"),
-            (self.self_critical_max_length >= 1, "self_critical_max_length must be at least 1"),
+            (self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.self_critical_start < 0 or self.fine_tune_encoder == 0, "self-critical training runs on cached features: it cannot be combined with fine_tune_encoder"),
             (self.word_vectors or not self.decoder.freeze_embeddings, "decoder.freeze_embeddings keeps pretrained word vectors fixed: it needs word_vectors (a GloVe-format file)"),
         ]
@@ -212,7 +251,10 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
     if is_dataclass(hint):
         if isinstance(value, hint):
             return value
-        return _build(hint, value, name)
+        try:
+            return _build(hint, value, name)
+        except ranges.SettingError as error:  # a section's setting is named by its path: decoder.hidden_dim
+            raise ranges.SettingError(f"{name.split('.')[-1]}.{error.setting}", error.requirement) from None
     if origin is tuple:
         return tuple(value)
     if hint is bool:
@@ -224,9 +266,11 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, not {value!r}")
+        if isinstance(value, str) and not value.strip().isascii():  # int() and float() also read Arabic-Indic and other digits
+            raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'} in ASCII digits, not {value!r}")
         try:
-            number = float(value) if hint is float else int(str(value), 10) if isinstance(value, str) else value
-        except ValueError:
+            number = float(value) if hint is float else int(str(value).strip(), 10) if isinstance(value, str) else value
+        except (ValueError, OverflowError):
             raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'}, not {value!r}") from None
         if hint is int and isinstance(number, float):
             if not number.is_integer():

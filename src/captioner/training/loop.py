@@ -33,6 +33,7 @@ from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluation import decode_split, score_split
+from captioner.locking import FolderInUse, exclusive_writer
 from captioner.models.captioner import Captioner, CaptionerConfig
 from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
@@ -274,40 +275,61 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     try:
         out = Path(config.out)
         log = print if dist_info.is_main else (lambda *args, **kwargs: None)
-        resume_from = _prepare_run_folder(config, out, resume=resume, overwrite=overwrite, dist_info=dist_info)
-        config = _resumed_config(json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8")), config, given) if resume_from else _new_run_config(config)
-        run = Run(config, dist_info, device, Checkpoints(out, dist_info), log)
-        dataset = load_dataset(config)
-        torch.manual_seed(config.seed + dist_info.rank)
-        np.random.seed(config.seed)
-        model = build_model(config, dataset, word_vectors=resume_from is None).to(device)
-        optimization = Optimization.for_run(model, config, device)
-        state, saved_rngs = run.checkpoints.restore(resume_from, model, optimization) if resume_from else (RunState(), None)
-        if resume_from:
-            # --epochs / --set patience may have been raised for the resumed run: it is finished only by them.
-            state.finished = state.epoch >= config.epochs or _out_of_patience(config, state)
-            log(f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it (global step {state.global_step})")
-        if dist_info.is_main:
-            config.save(out / TRAIN_CONFIG)  # a resumed run's too: it may have been given more epochs
-        if state.finished:
-            log(f"{out} already finished (best epoch {state.best_epoch + 1}, {config.early_stopping_metric} {state.best_score}); nothing to do")
-            return state
-        data = TrainingData(model, dataset, config, dist_info, device, epoch=state.epoch)
-        plain_step = TrainingStep(model, config, CaptionRewards.for_split(dataset, "train") if config.self_critical_start >= 0 else None)
-        # Random state last, after anything that may draw from it (building a feature cache does), so a
-        # resumed run continues the interrupted one's random stream exactly.
-        if saved_rngs is not None:
-            set_rng_state(saved_rngs[min(dist_info.rank, len(saved_rngs) - 1)])
-        else:
-            torch.manual_seed(config.seed + 1000 * (dist_info.rank + 1))
-        log(
-            f"training {config.decoder.kind} decoder on {len(data.train_batches.images):,} images x {config.seq_per_img} captions "
-            f"({len(data.train_batches)} batches/epoch{' per rank' if dist_info.enabled else ''}) on {device}"
-            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
-        )
-        return run_epochs(run, model, plain_step, data, optimization, state)
+        with one_writer(out, dist_info):
+            return _train(config, out, log, resume=resume, overwrite=overwrite, given=given, dist_info=dist_info, device=device)
     finally:
         cleanup(dist_info)
+
+
+def one_writer(out: Path, dist_info: Distributed) -> contextlib.ExitStack:
+    """The run folder's one-writer lock, held by rank 0 for the whole run (every rank learns if it is taken)."""
+    held, refused = contextlib.ExitStack(), None
+    if dist_info.is_main:
+        try:
+            held.enter_context(exclusive_writer(out))
+        except FolderInUse as error:
+            refused = str(error)
+    refused = dist_info.broadcast(refused)
+    if refused:
+        held.close()
+        raise FolderInUse(refused)
+    return held
+
+
+def _train(config: TrainConfig, out: Path, log: Callable[[str], None], *, resume: bool, overwrite: bool, given: Iterable[str] | None, dist_info: Distributed, device: torch.device) -> RunState:
+    """:func:`train` with the run folder locked."""
+    resume_from = _prepare_run_folder(config, out, resume=resume, overwrite=overwrite, dist_info=dist_info)
+    config = _resumed_config(json.loads((resume_from / TRAIN_CONFIG).read_text(encoding="utf-8")), config, given) if resume_from else _new_run_config(config)
+    run = Run(config, dist_info, device, Checkpoints(out, dist_info), log)
+    dataset = load_dataset(config)
+    torch.manual_seed(config.seed + dist_info.rank)
+    np.random.seed(config.seed)
+    model = build_model(config, dataset, word_vectors=resume_from is None).to(device)
+    optimization = Optimization.for_run(model, config, device)
+    state, saved_rngs = run.checkpoints.restore(resume_from, model, optimization) if resume_from else (RunState(), None)
+    if resume_from:
+        # --epochs / --set patience may have been raised for the resumed run: it is finished only by them.
+        state.finished = state.epoch >= config.epochs or _out_of_patience(config, state)
+        log(f"resuming {out} at epoch {state.epoch + 1}, step {state.step_in_epoch} of it (global step {state.global_step})")
+    if dist_info.is_main:
+        config.save(out / TRAIN_CONFIG)  # a resumed run's too: it may have been given more epochs
+    if state.finished:
+        log(f"{out} already finished (best epoch {state.best_epoch + 1}, {config.early_stopping_metric} {state.best_score}); nothing to do")
+        return state
+    data = TrainingData(model, dataset, config, dist_info, device, epoch=state.epoch)
+    plain_step = TrainingStep(model, config, CaptionRewards.for_split(dataset, "train") if config.self_critical_start >= 0 else None)
+    # Random state last, after anything that may draw from it (building a feature cache does), so a
+    # resumed run continues the interrupted one's random stream exactly.
+    if saved_rngs is not None:
+        set_rng_state(saved_rngs[min(dist_info.rank, len(saved_rngs) - 1)])
+    else:
+        torch.manual_seed(config.seed + 1000 * (dist_info.rank + 1))
+    log(
+        f"training {config.decoder.kind} decoder on {len(data.train_batches.images):,} images x {config.seq_per_img} captions "
+        f"({len(data.train_batches)} batches/epoch{' per rank' if dist_info.enabled else ''}) on {device}"
+        + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+    )
+    return run_epochs(run, model, plain_step, data, optimization, state)
 
 
 def run_epochs(run: Run, model: Captioner, plain_step: TrainingStep, data: TrainingData, optimization: Optimization, state: RunState) -> RunState:
