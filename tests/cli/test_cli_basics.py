@@ -63,3 +63,16 @@ def test_prepare_bad_inputs_give_one_line(tmp_path):
     assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--min-word-freq", "0"), "--min-word-freq")
     assert_one_line_error(run("prepare", str(csv), "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "does not exist")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_command_has_examples_and_every_option_says_what_it_does():
+    from captioner.cli.main import build_parser, command_names
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    assert set(commands) == set(command_names())
+    for name, command in commands.items():
+        assert "examples:" in (command.epilog or ""), name
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"captioner {name} {action.option_strings[0]} has no help"

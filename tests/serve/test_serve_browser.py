@@ -262,3 +262,31 @@ def test_the_overlay_holds_steady_under_the_pointer_on_a_narrow_screen(page, ser
         samples.append(overlay_state(page)["hidden"])
     assert samples == [False] * 10
     assert page.locator("#caption .word").first.bounding_box() == box
+
+
+def test_the_n_best_list_shows_the_score_it_is_ranked_by_and_the_caption_appears_once(browser, tmp_path) -> None:
+    # with a length penalty the list is ranked by the penalised score, not by log p: show both
+    from captioner.models.captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    model = make_model(pretrained=True)
+    model.config.length_penalty = 1.0
+    loaded = Captioner.load(model.save(tmp_path / "penalised"))
+    with BackgroundServer(create_app(loaded, ServeConfig(beam_size=3, n_best=3, batch_wait_ms=2))) as running:
+        context = browser.new_context(viewport={"width": 1000, "height": 800})
+        page = context.new_page()
+        page.goto(running.url)
+        page.wait_for_selector("body[data-ready]")
+        data = noise_png(5)
+        expected = api_caption(running, data, beam_size=3, n_best=3)
+        upload(page, tmp_path, "noise.png", data)
+        page.wait_for_selector("#caption .word")
+        scores = page.locator("#n-best-list li .score").all_inner_texts()
+        for shown, entry in zip(scores, expected["n_best"]):
+            assert shown == f"score {entry['score']:.2f} · log p {entry['log_prob']:.2f}", shown
+        ranked = [float(value) for value in page.eval_on_selector_all("#n-best-list li", "items => items.map(i => i.dataset.score)")]
+        assert ranked == sorted(ranked, reverse=True)
+        outside = page.evaluate("() => Array.from(document.querySelectorAll('main > :not(#result)')).map(e => e.innerText).join(' ')")
+        assert expected["caption"] not in " ".join(outside.split())  # shown in the result panel only, not again above it
+        assert page.get_attribute("#caption", "aria-live") == "polite"  # where screen readers hear it
+        context.close()

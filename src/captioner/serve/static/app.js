@@ -258,9 +258,18 @@
         const item = document.createElement("li");
         const text = document.createElement("span");
         text.textContent = entry.caption || "(empty)";
+        // The list is ranked by the score (the log-probability divided by the length penalty, when
+        // the model uses one): show what it is ranked by, and the log-probability beside it.
         const score = document.createElement("span");
         score.className = "score";
-        score.textContent = `log p ${entry.log_prob.toFixed(2)}`;
+        const penalised = Math.abs(entry.score - entry.log_prob) > 5e-5;
+        score.textContent = penalised
+          ? `score ${entry.score.toFixed(2)} · log p ${entry.log_prob.toFixed(2)}`
+          : `log p ${entry.log_prob.toFixed(2)}`;
+        score.title = penalised
+          ? "Ranked by the score: the log-probability divided by the length penalty, so longer captions are not always last."
+          : "Ranked by the log-probability of the caption.";
+        item.dataset.score = String(entry.score);
         item.append(text, score);
         if (rank === 0) item.setAttribute("aria-current", "true");
         return item;
@@ -271,7 +280,7 @@
     els.timing.textContent =
       `${result.width} × ${result.height} px · beam ${result.settings.beam_size} · ` +
       `captioned in ${Math.round(timing.total || 0)} ms (model ${Math.round(timing.model || 0)} ms${batch})`;
-    els.status.textContent = `Caption: ${result.caption || "(empty)"}`;
+    els.status.textContent = ""; // the caption itself is announced (#caption is a live region), and shown once
   }
 
   function plainWord(word) {
