@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captioner.data.features import split_features
 from captioner.data.prepare import PreparedDataset
 from captioner.decoding import GenerationConfig
 from captioner.errors import CaptionerError
 from captioner.models.captioner import DEFAULT_MODEL_DIR, PRECISIONS, Captioner, resolve_model_path
-from captioner.data.features import split_features
 
 
 def provenance(folder: Path, data_path: str) -> dict:
@@ -51,6 +51,12 @@ def main() -> int:
     parser.add_argument("--length-penalty", type=float, default=0.0, help="the GNMT length penalty the model decodes with by default (choose it on the dev split)")
     parser.add_argument("--no-repeat-ngram", type=int, default=0, help="the model's default: no N-gram twice in a caption (0: off; choose it on the dev split)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), default="exact", help="when the model's beam search stops by default (choose it on the dev split)")
+    parser.add_argument("--block-bad-endings", action="store_true", help="the model never ends a caption on what its training captions never end on, by default")
+    parser.add_argument("--block-doubled-words", action="store_true", help="the model never writes a word twice in a row, by default")
+    parser.add_argument("--concepts", type=int, default=0, help="the model's default: each caption names up to N of its image's visual concepts (choose it on coco_dev)")
+    parser.add_argument("--concept-threshold", type=float, default=0.5, help="... those at least this likely")
+    parser.add_argument("--concept-exclusion", type=float, default=0.0, help="no word for an animal the image's concepts give less than this (0: off)")
+    parser.add_argument("--concept-known-words", type=int, default=0, help="concepts among the model's N most frequent words are left to it (0: none)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--data", help="the prepared folder to check on (default: the first member's training data)")
     parser.add_argument("--data-path", default="data/f8k", help="what the shipped configs say the data was")
@@ -72,6 +78,9 @@ def main() -> int:
     model = Captioner.ensemble(models, views=views) if len(models) > 1 or args.flip else models[0]
     model.config.length_penalty, model.config.no_repeat_ngram_size = args.length_penalty, args.no_repeat_ngram
     model.config.early_stopping = args.early_stopping
+    model.config.block_bad_endings, model.config.block_doubled_words = args.block_bad_endings, args.block_doubled_words
+    model.config.concept_constraints, model.config.concept_threshold = args.concepts, args.concept_threshold
+    model.config.concept_exclusion, model.config.concept_known_words = args.concept_exclusion, args.concept_known_words
     if model.config.ensemble is None:
         extra = {"train_config.json": (json.dumps(members[0]["train_config"], indent=2) + "\n").encode()}
         if members[0]["val_scores"] is not None:

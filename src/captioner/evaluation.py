@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,12 +42,12 @@ def decode_split(
     split: str,
     config: GenerationConfig,
     *,
-    features: "np.ndarray | None" = None,
+    features: np.ndarray | None = None,
     limit: int = 0,
     batch_size: int = 50,
     workers: int = 2,
     progress: bool = True,
-) -> "dict[int, CaptionResult]":
+) -> dict[int, CaptionResult]:
     """{image index: its caption} for the split's images (the first ``limit`` of them if limit > 0),
     from cached ``features`` (N, P, D) when given, else from the image files."""
     indices = dataset.split_images(split)
@@ -75,13 +76,35 @@ def _checked(images: torch.Tensor, errors: Sequence[str]) -> torch.Tensor:
     return images
 
 
-def score_split(dataset: PreparedDataset, captions: "dict[int, CaptionResult]", *, metrics: Sequence[str] | None = None) -> dict[str, float]:
+def score_split(dataset: PreparedDataset, captions: dict[int, CaptionResult], *, metrics: Sequence[str] | None = None) -> dict[str, float]:
     """Corpus-level COCO metrics (0-100) of each image's caption against all its references."""
     from captioner.metrics import score_captions
 
     generated = {index: result.text for index, result in captions.items()}
     references = {index: dataset.images[index]["captions"] for index in captions}
     return score_captions(generated, references, metrics=metrics)
+
+
+def caption_checks(dataset: PreparedDataset, captions: dict[int, CaptionResult], *, resamples: int = 1000) -> dict[str, float]:
+    """What the captions name and how they end (:mod:`captioner.metrics.mentions`), with 95%
+    intervals of CIDEr-D and of the non-person object F1 from ``resamples`` bootstrap resamples of
+    the images (CIDEr-D's document frequencies fixed to the whole split, as its corpus score uses)."""
+    from captioner.metrics.coco import cider_per_image
+    from captioner.metrics.mentions import f1_from_counts, mention_counts, mention_scores, sentence_checks
+
+    generated = {index: result.text for index, result in captions.items()}
+    references = {index: dataset.images[index]["captions"] for index in captions}
+    checks: dict[str, float] = {**mention_scores(generated, references), **sentence_checks(generated)}
+    keys = list(generated)
+    cider = np.array([cider_per_image(generated, references)[key] for key in keys])  # (N,)
+    counts = np.array([mention_counts(generated[key], references[key], exclude=frozenset({"person"})) for key in keys])  # (N, 3)
+    draws = np.random.default_rng(0).integers(0, len(keys), size=(resamples, len(keys)))  # (R, N)
+    cider_means = cider[draws].mean(axis=1)
+    f1s = np.array([f1_from_counts(*counts[rows].sum(axis=0).tolist())["F1"] for rows in draws])
+    for name, values in (("CIDEr-D", cider_means), ("object F1 (no person)", f1s)):
+        low, high = np.percentile(values, [2.5, 97.5])
+        checks[f"{name} 95% interval"] = [round(float(low), 2), round(float(high), 2)]  # type: ignore[assignment]
+    return checks
 
 
 # ----- captioner evaluate ---------------------------------------------------------------------------
@@ -94,6 +117,7 @@ class EvaluationReport:
     images: int
     scores: dict[int, dict[str, float]]  # beam size -> metric -> value
     seconds: dict[int, float]
+    checks: dict[int, dict[str, Any]]  # beam size -> caption_checks
     length_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
 
@@ -106,6 +130,14 @@ class EvaluationReport:
         for beam, scores in self.scores.items():
             speed = self.images / max(self.seconds[beam], 1e-9)
             lines.append(f"{beam:>4}  " + "  ".join(f"{scores[name]:7.2f}" for name in names) + f"  {speed:6.1f}")
+        lines.append("beam  objects named: precision / recall / F1, all classes and without person; captions ending on a dangling word; with a doubled word")
+        for beam, checks in self.checks.items():
+            mentions = " / ".join(f"{checks[f'object {name}']:.1f}" for name in ("precision", "recall", "F1"))
+            without = " / ".join(f"{checks[f'object {name} (no person)']:.1f}" for name in ("precision", "recall", "F1"))
+            low, high = checks["CIDEr-D 95% interval"]
+            lines.append(
+                f"{beam:>4}  {mentions};  {without};  {checks['dangling endings']} dangling;  {checks['doubled words']} doubled;  CIDEr-D 95% interval {low:.1f}-{high:.1f}"
+            )
         return lines
 
 
@@ -120,6 +152,10 @@ def evaluate_model(
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     early_stopping: str | None = None,
+    block_bad_endings: bool | None = None,
+    block_doubled_words: bool | None = None,
+    concept_constraints: int | None = None,
+    concept_threshold: float | None = None,
     limit: int = 0,
     meteor: bool = True,
     out: str | None = None,
@@ -131,7 +167,8 @@ def evaluate_model(
     ranges.whole_number("limit", limit, 0, 10**9)
     ranges.whole_number("batch_size", batch_size, 1, 4096)
     settings = {"max_length": max_length, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                "early_stopping": early_stopping, "return_attention": False}
+                "early_stopping": early_stopping, "block_bad_endings": block_bad_endings, "block_doubled_words": block_doubled_words,
+                "concept_constraints": concept_constraints, "concept_threshold": concept_threshold, "return_attention": False}
     configs = {beam: GenerationConfig.for_captions(beam, **settings) for beam in dict.fromkeys(beams)}  # unique, in the order given
     folder = resolve_model_path(model_path)
     out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
@@ -157,12 +194,14 @@ def _evaluate(
     metrics = [name for name in METRICS if meteor or name != "METEOR"]
     scores: dict[int, dict[str, float]] = {}
     seconds: dict[int, float] = {}
+    checks: dict[int, dict[str, Any]] = {}
     generated: dict[int, dict[int, CaptionResult]] = {}
     for beam, config in configs.items():
         start = time.perf_counter()
         captions = decode_split(model, dataset, split, config, features=features, limit=limit, batch_size=batch_size, progress=progress)
         seconds[beam] = time.perf_counter() - start
         scores[beam] = score_split(dataset, captions, metrics=metrics)
+        checks[beam] = caption_checks(dataset, captions)
         generated[beam] = captions
     used = model.settings_for(next(iter(configs.values())))  # what the model decoded with
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +216,15 @@ def _evaluate(
         "length_penalty": used.length_penalty,
         "no_repeat_ngram_size": used.no_repeat_ngram_size,
         "early_stopping": used.early_stopping,
+        "block_bad_endings": used.block_bad_endings,
+        "block_doubled_words": used.block_doubled_words,
+        "concept_constraints": used.concept_constraints,
+        "concept_threshold": used.concept_threshold,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
+        "checks": {str(beam): {name: round(value, 2) if isinstance(value, float) else value for name, value in c.items()} for beam, c in checks.items()},
+        "checks_described": "object mentions: COCO's 80 classes with synonyms, an object present when 2 references name it, micro-averaged, 0-100; "
+        "dangling endings: captions ending on a determiner, preposition, conjunction, auxiliary or colour; intervals: 95%, 1000 bootstrap resamples of the images",
     }
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     lines = []
@@ -195,7 +241,7 @@ def _evaluate(
             )
         )
     write_text_atomic(out_dir / "captions.jsonl", "\n".join(lines) + "\n")
-    return EvaluationReport(out_dir, split, count, scores, seconds, float(used.length_penalty or 0.0), int(used.no_repeat_ngram_size or 0))
+    return EvaluationReport(out_dir, split, count, scores, seconds, checks, float(used.length_penalty or 0.0), int(used.no_repeat_ngram_size or 0))
 
 
 def trained_on(folder: Path) -> str | None:

@@ -217,3 +217,32 @@ def test_standard_input_is_an_image_and_a_url_is_said_to_be_one(models, photos):
     assert_one_line_error(url, "https://example.com/dog.jpg is a URL: captioner works offline and never downloads")
     mixed = run("https://example.com/dog.jpg", good[0], "--model", models["attention"], "--max-length", 3)
     assert mixed.returncode == 1 and "is a URL" in mixed.stderr and len(main_lines(mixed.stdout)) == 1
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_tags_and_required_words_with_the_shipped_model(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = run(EXAMPLES / "dog.jpg", "--tags", "--require", "ball,balls", "--n-best", 2, "--json", out)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("\t2. ") and lines[2].startswith("\ttags: dog "), lines
+    assert "ball" in lines[0].split("\t")[1].split(), lines[0]
+    record = json.loads(out.read_text())
+    assert record["tags"][0]["word"] == "dog" and 0 < record["tags"][0]["probability"] <= 1
+    assert record["constraints"] == [["ball", "balls"]] and record["constraints_met"] is True
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--require", "two words"], "--require"),
+        (["--require", "xqzzy"], "xqzzy"),
+        (["--concepts", "9"], "--concepts must be a whole number from 0 to 3"),
+        (["--concept-threshold", "0"], "--concept-threshold"),
+        (["--require", "a", "--require", "b", "--require", "c", "--require", "d"], "at most 3"),
+    ],
+)
+def test_bad_constraint_flags_are_one_line_errors(flags, fragment):
+    assert_one_line_error(run(EXAMPLES / "dog.jpg", *flags), fragment)

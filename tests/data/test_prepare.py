@@ -153,3 +153,23 @@ def test_a_crash_between_the_two_renames_of_a_replace_is_recovered(shapes_karpat
     out.rename(tmp_path / ".prepared.old-4242")  # the old folder moved aside, the new one not yet in place
     assert len(PreparedDataset(out).vocab) > 4  # put back on reading
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_an_evaluation_only_set_is_prepared_and_training_on_it_is_refused(tmp_path):
+    import json
+
+    from captioner.training.config import TrainConfig
+    from captioner.training.data import load_dataset
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / name)
+    lines = [{"image": "a.png", "captions": ["A red square.", "red"], "split": "test"}, {"image": "b.png", "captions": ["Red."], "split": "test"}]
+    (tmp_path / "photos.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = prepare(read_dataset([tmp_path / "photos.jsonl"]), tmp_path / "out", _options())
+    assert report.counts["test"]["images"] == 2 and report.counts["train"]["images"] == 0
+    assert any("for evaluating models" in warning for warning in report.warnings)
+    prepared = PreparedDataset(tmp_path / "out")
+    assert prepared.meta["evaluation_only"] is True and len(prepared.vocab) == 4
+    assert prepared.references("test")[prepared.split_images("test")[0]] == ["A red square.", "red"]
+    with pytest.raises(CaptionerError, match="has no training images"):
+        load_dataset(TrainConfig(data=str(tmp_path / "out")))

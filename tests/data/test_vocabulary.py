@@ -86,3 +86,22 @@ def test_words_of_other_scripts_keep_their_marks():
     assert tokenize("학교에 가요") == ["학교에", "가요"]
     assert tokenize("Ελληνικά: άλογο") == ["ελληνικά", "άλογο"]
     assert tokenize("Café À ZÜRICH, naïve") == ["cafe", "a", "zurich", "naive"]
+
+
+def test_bad_endings_are_the_words_and_phrases_training_captions_never_end_on():
+    # "a" and "on a" never end a caption; "red" ends some; "in a red" never does
+    captions = ["a dog sits on a red mat", "a cat on a mat", "a red car", "the car is red"] * 10 + ["a dog in a red box"] * 20
+    vocab = Vocabulary.build(captions, min_word_freq=1)
+    assert "a" in vocab.bad_endings and "red" not in vocab.bad_endings and "mat" not in vocab.bad_endings
+    assert "a red" in vocab.bad_endings  # 40 times, never at the end ("is red" is)
+    assert "on a" not in vocab.bad_endings  # already blocked by its last word "a": only the shortest is kept
+    assert all(len(ending.split()) <= 4 for ending in vocab.bad_endings)
+    rare = Vocabulary.build(["a dog", "the cat sat"], min_word_freq=1)  # seen under 20 times: nothing is known to be bad
+    assert rare.bad_endings == ()
+    again = Vocabulary.from_dict(json.loads(json.dumps(vocab.to_dict())))
+    assert again.bad_endings == vocab.bad_endings and again.bad_ending_ids == vocab.bad_ending_ids
+    assert Vocabulary.from_dict({"words": list(SPECIAL_TOKENS) + ["a"]}).bad_endings == ()  # older vocabularies have none
+    with pytest.raises(DatasetError, match="bad ending 'zebra' is not made of its words"):
+        Vocabulary.from_dict({"words": list(SPECIAL_TOKENS) + ["a"], "bad_endings": ["zebra"]})
+    with pytest.raises(DatasetError, match="bad_endings must be a list of words"):
+        Vocabulary.from_dict({"words": list(SPECIAL_TOKENS) + ["a"], "bad_endings": "a"})

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_model
 
 from captioner.decoding import GenerationConfig, length_penalty
 from captioner.errors import ConfigError
-from conftest import make_model
 
 
 def features_for(model, batch=4, regions=5, seed=1):
@@ -346,3 +346,103 @@ def test_the_heuristic_stops_sooner_than_the_exact_search_and_finds_what_it_foun
         assert exact.score >= heuristic.score - 1e-6  # the exact search never finds worse
     with pytest.raises(ConfigError, match="early_stopping must be one of exact, heuristic"):
         GenerationConfig(early_stopping="never")
+
+
+def _careless_model():
+    """A model that likes to end right after "a" and to say "b b"."""
+    from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
+
+    model = make_model("show_tell", seed=6, words=("a", "b", "c", "d"), scale=0.5)
+    model.vocab = Vocabulary(list(SPECIAL_TOKENS) + ["a", "b", "c", "d"], bad_endings=("a", "c d"))
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.end_id] = 1.5
+        model.decoder.classifier.bias[model.vocab.index["a"]] = 1.3
+        model.decoder.classifier.bias[model.vocab.index["b"]] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_the_sentence_rules_hold_for_every_strategy(strategy):
+    model = _careless_model()
+    features = features_for(model, batch=6)
+    vocab = model.vocab
+    settings = dict(strategy=strategy, beam_size=4, num_return=1 if strategy == "greedy" else 4, max_length=8, seed=0, allow_unk=True)
+    plain = [c for captions in model.generate(features, **settings) for c in captions]
+    ruled = [c for captions in model.generate(features, block_bad_endings=True, block_doubled_words=True, **settings) for c in captions]
+
+    def ends_badly(words):
+        return bool(words) and (words[-1] == "a" or words[-2:] == ["c", "d"])
+
+    def doubled(words):
+        return any(x == y for x, y in zip(words, words[1:]))
+
+    assert any(ends_badly(c.words) or doubled(c.words) for c in plain)  # the model does it unless told not to
+    for caption in ruled:
+        assert not doubled(caption.words), caption.text
+        assert not (caption.finished and ends_badly(caption.words)), caption.text
+    assert vocab.bad_endings == ("a", "c d")
+
+
+# ----- constrained beam search ------------------------------------------------------------------
+
+
+def constrained_brute_force(model, features, max_length, constraints, alpha=0.0):
+    """brute_force's ranking, keeping the captions that name one word of every constraint."""
+    vocab = model.vocab
+    ranked = brute_force(model, features, max_length, alpha=alpha)
+    ids = [{vocab.index[w] for w in words} for words in constraints]
+    return [entry for entry in ranked if all(set(entry[1]) & words for words in ids)]
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("constraints", [[["b"]], [["b", "c"]], [["b"], ["c"]]])
+def test_constrained_beam_search_equals_exhaustive_search_over_the_captions_that_meet_the_constraints(kind, alpha, constraints):
+    model = make_model(kind, seed=3, scale=4.0)
+    features = features_for(model, batch=2)
+    ids = [[model.vocab.index[w] for w in words] for words in constraints]
+    from captioner.decoding import generate
+
+    config = GenerationConfig(strategy="beam", beam_size=64, num_return=5, max_length=3, length_penalty=alpha, allow_unk=True)
+    results = generate(model.decoder, features, model.vocab, config, constraints=[ids, ids])
+    for image in range(2):
+        best = constrained_brute_force(model, features[image], 3, constraints, alpha=alpha)
+        assert [(c.tokens, c.finished) for c in results[image]] == [(tokens, finished) for _, tokens, finished, _ in best[:5]]
+        for caption, (score, _, _, log_prob) in zip(results[image], best):
+            assert caption.log_prob == pytest.approx(log_prob, abs=1e-4) and caption.score == pytest.approx(score, abs=1e-4)
+            assert caption.constraints_met is True
+
+
+def test_with_a_narrow_beam_every_caption_meets_its_images_constraints_batched_as_alone():
+    from captioner.decoding import generate
+
+    model = make_model("attention", seed=13, words=("a", "b", "c", "d", "e", "f"), scale=2.0)
+    features = features_for(model, batch=3, seed=4)
+    index = model.vocab.index
+    per_image = [[[index["f"]]], [[index["d"], index["e"]], [index["a"]]], []]  # the third image has none
+    config = GenerationConfig(strategy="beam", beam_size=3, num_return=3, max_length=6, length_penalty=1.0)
+    batched = generate(model.decoder, features, model.vocab, config, constraints=per_image)
+    for image, constraints in enumerate(per_image):
+        alone = generate(model.decoder, features[image : image + 1], model.vocab, config, constraints=[constraints])[0]
+        assert [c.tokens for c in alone] == [c.tokens for c in batched[image]]
+        for caption in batched[image]:
+            assert all(set(caption.tokens) & set(words) for words in constraints), caption.text
+            assert caption.constraints_met is (True if constraints else None)
+    plain = generate(model.decoder, features[2:], model.vocab, config)[0]
+    assert [c.tokens for c in plain] == [c.tokens for c in batched[2]]  # no constraints: plain beam search
+
+
+def test_unsatisfiable_constraints_give_the_best_caption_found_and_say_so():
+    from captioner.decoding import generate
+
+    model = make_model("attention", seed=13, words=("a", "b", "c", "d", "e", "f"), scale=2.0)
+    features = features_for(model, batch=1)
+    index = model.vocab.index
+    three = [[[index["a"]], [index["b"]], [index["c"]]]]  # three words needed, two allowed
+    config = GenerationConfig(strategy="beam", beam_size=3, num_return=2, max_length=2)
+    [captions] = generate(model.decoder, features, model.vocab, config, constraints=three)
+    assert captions and all(c.constraints_met is False for c in captions)
+    with pytest.raises(ConfigError, match="at most 3 constraints"):
+        generate(model.decoder, features, model.vocab, config, constraints=[[[index["a"]]] * 4])
+    with pytest.raises(ConfigError, match="constraints need beam search"):
+        generate(model.decoder, features, model.vocab, GenerationConfig(strategy="greedy"), constraints=three)

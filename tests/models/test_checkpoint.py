@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_model, make_vocab
 
 from captioner.errors import CaptionerError, CheckpointError
 from captioner.models.captioner import Captioner
-from conftest import make_model, make_vocab
 
 
 def outputs(model, seed=0):
@@ -53,7 +53,8 @@ def test_a_models_own_decoding_settings_are_stored_and_used_unless_a_call_says_o
     assert "length_penalty" not in config and "no_repeat_ngram_size" not in config  # a plain checkpoint stays as older versions wrote it
     model.config.length_penalty, model.config.no_repeat_ngram_size = 1.5, 1
     loaded = Captioner.load(model.save(tmp_path / "ckpt"))
-    assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1, "early_stopping": "exact"}
+    assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1, "early_stopping": "exact", "block_bad_endings": False, "block_doubled_words": False,
+                                                  "concept_constraints": 0, "concept_threshold": 0.5, "concept_exclusion": 0.0, "concept_known_words": 0}
     mine = loaded.caption(image, beam_size=3, max_length=12)
     told = loaded.caption(image, beam_size=3, max_length=12, length_penalty=1.5, no_repeat_ngram_size=1)
     assert (mine.text, mine.score) == (told.text, told.score) and mine.score != pytest.approx(mine.log_prob)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_model
+from PIL import Image
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
@@ -289,4 +289,33 @@ def test_the_n_best_list_shows_the_score_it_is_ranked_by_and_the_caption_appears
         outside = page.evaluate("() => Array.from(document.querySelectorAll('main > :not(#result)')).map(e => e.innerText).join(' ')")
         assert expected["caption"] not in " ".join(outside.split())  # shown in the result panel only, not again above it
         assert page.get_attribute("#caption", "aria-live") == "polite"  # where screen readers hear it
+        context.close()
+
+
+def test_the_page_shows_the_visual_concepts_the_api_returns(browser, tmp_path) -> None:
+    # an encoder with its ImageNet classifier (EfficientNet-Lite0's head): the dog photo's concepts
+    # are listed under the caption, likeliest first, with the API's probabilities
+    from conftest import make_vocab
+
+    from captioner.models.captioner import Captioner, CaptionerConfig
+    from captioner.models.decoder import DecoderConfig
+    from captioner.models.encoder import EncoderConfig
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    config = CaptionerConfig(encoder=EncoderConfig(feature_layer="head", pretrained=True), decoder=DecoderConfig(kind="attention", embed_dim=16, hidden_dim=24, attention_dim=12))
+    model = Captioner(config, make_vocab(("a", "b", "c")))
+    assert model.encoder.has_classifier
+    data = (Path(__file__).resolve().parents[2] / "examples" / "dog.jpg").read_bytes()
+    with BackgroundServer(create_app(model, ServeConfig(beam_size=3, n_best=1, batch_wait_ms=2))) as running:
+        expected = api_caption(running, data, beam_size=3, n_best=1)
+        assert expected["tags"] and expected["tags"][0]["word"] == "dog", expected["tags"]
+        context = browser.new_context(viewport={"width": 1000, "height": 800})
+        page = context.new_page()
+        page.goto(running.url)
+        page.wait_for_selector("body[data-ready]")
+        upload(page, tmp_path, "dog.jpg", data)
+        page.wait_for_selector("#tags li")
+        assert page.locator("#tags").is_visible() and page.locator("#tags-heading").is_visible()
+        shown = page.locator("#tags li").all_inner_texts()
+        assert shown == [f"{tag['word']} {math.floor(tag['probability'] * 100 + 0.5)}%" for tag in expected["tags"]]  # as Math.round, shown
         context.close()

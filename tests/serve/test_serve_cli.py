@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import make_model
 from PIL import Image
 
 from captioner.cli.main import main
-from conftest import make_model
 
 pytest.importorskip("fastapi")
 
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture()
 def no_binding(monkeypatch):
     """Fail the test if the command gets as far as listening on the port (checking it is free is fine)."""
-    import captioner.serve.server as server
+    from captioner.serve import server
 
     original = server.bind_socket
 
@@ -127,7 +127,7 @@ def test_serve_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint) -> None:
         assert url and url.startswith("http://127.0.0.1:"), f"no URL printed; stderr: {process.stderr.read() if process.poll() is not None else ''}"
 
         health = httpx.get(url + "healthz", timeout=10).json()
-        assert health["status"] == "ok" and health["defaults"] == {"beam_size": 5, "n_best": 2}
+        assert health["status"] == "ok" and health["defaults"] == {"beam_size": 3, "n_best": 2}  # the one default beam (captioner.limits)
         buffer = io.BytesIO()
         Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(buffer, format="PNG")
         answer = httpx.post(url + "api/caption", files={"image": ("x.png", buffer.getvalue(), "image/png")}, timeout=30)

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_model, shapes_train_config
 
 from captioner.training.loop import train
 from captioner.training.self_critical import CaptionRewards, sample_with_log_probs, self_critical_loss
-from conftest import make_model, shapes_train_config
 
 WORDS = ("a", "red", "blue", "circle", "square", "and")
 
@@ -107,3 +107,45 @@ def test_non_finite_scores_give_a_non_finite_loss_for_the_nan_policy_not_a_sampl
         model.decoder.classifier.bias[vocab.index["red"]] = float("nan")  # what a diverged model does
     loss, reward = self_critical_loss(model.decoder, features, [0], rewards, vocab, samples=3, max_length=5)
     assert not torch.isfinite(loss) and not torch.isfinite(reward)  # the loop skips or stops on this
+
+
+def test_sampling_follows_the_sentence_rules_and_scores_the_policy_it_samples():
+    # self-critical sampling may not end on a bad ending or double a word, as decoding may not;
+    # the log-probabilities are those of that restricted (renormalised) policy
+    from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
+    from captioner.training.self_critical import SentenceRules
+
+    model = make_model("show_tell", words=WORDS, seed=4, scale=0.3)
+    vocab = Vocabulary(list(SPECIAL_TOKENS) + list(WORDS), bad_endings=("a", "and", "red", "blue"))
+    features = torch.randn(4, 5, model.decoder.feature_dim, generator=torch.Generator().manual_seed(1)).abs()
+    blocked = [vocab.pad_id, vocab.start_id, vocab.unk_id]
+    rules = SentenceRules(vocab, bad_endings=True, doubled_words=True)
+    torch.manual_seed(0)
+    captions, log_probs, mask = sample_with_log_probs(model.decoder, features, 8, 12, vocab.start_id, vocab.end_id, blocked, rules)
+    ended = 0
+    bad = {vocab.index[word] for word in ("a", "and", "red", "blue")}
+    for row, words in enumerate(captions):
+        assert all(a != b for a, b in zip(words, words[1:])), words
+        finished = int(mask[row].sum()) == len(words) + 1
+        if finished and words:
+            ended += 1
+            assert words[-1] not in bad, words
+        # the policy: the model's distribution without the blocked words and what the rules forbid at each step
+        ids = [vocab.start_id, *words] + ([vocab.end_id] if finished else [])
+        with torch.no_grad():
+            logits, _ = model.decoder(features[row // 8].unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+        expected = []
+        for t in range(len(ids) - 1):
+            step = logits[0, t].clone()
+            step[blocked] = -math.inf
+            if t > 0:
+                step[ids[t]] = -math.inf  # no word twice in a row
+                if ids[t] in bad:
+                    step[vocab.end_id] = -math.inf
+            expected.append(float(torch.log_softmax(step, dim=-1)[ids[t + 1]]))
+        assert log_probs[row][mask[row]].tolist() == pytest.approx(expected, abs=1e-5)
+    assert ended > 5
+    torch.manual_seed(0)
+    free, _, _ = sample_with_log_probs(model.decoder, features, 8, 12, vocab.start_id, vocab.end_id, blocked)
+    assert free != captions  # the rules changed what was sampled
+    assert torch.isfinite(log_probs[mask]).all()

@@ -2,7 +2,8 @@
 
 Output on stdout, one line per image: ``PATH<TAB>CAPTION``. With ``--n-best N`` (N > 1) the
 alternatives follow that line, one per line, as ``<TAB>RANK. CAPTION`` (RANK 2..N), so
-``grep -v '^<TAB>'`` keeps the best captions only. Unreadable images are reported on stderr, one
+``grep -v '^<TAB>'`` keeps the best captions only; so does ``--tags``'s ``<TAB>tags: WORD P, ...``
+line, which follows them. Unreadable images are reported on stderr, one
 line each, and skipped; the exit status is then 1.
 """
 
@@ -12,9 +13,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError, ConfigError
 
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from captioner.decoding import GenerationConfig
-
     from captioner.models.captioner import Captioner, CaptionResult
 
 #: The image read from standard input (``captioner caption - < photo.jpg``).
@@ -33,6 +34,8 @@ PREFIX = "captioner caption"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.limits import DEFAULT_BEAM_SIZE
+
     parser = subparsers.add_parser(
         "caption",
         help="write a caption for each image",
@@ -48,10 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "  captioner caption photo.jpg\n"
             "  captioner caption photos/ 'more/*.png' --model runs/f8k/best --json captions.jsonl\n"
             "  captioner caption dog.jpg --n-best 3 --attention attention/\n"
+            "  captioner caption cat.jpg --tags --require laptop\n"
             "  curl -s https://example.com/dog.jpg | captioner caption -     (captioner itself never downloads)\n"
             "\n"
             "--json FILE writes one JSON object per captioned image:\n"
-            '  {"source", "caption", "words", "score", "log_prob", "n_best": [{"caption", "score", "log_prob"}, ...]}\n'
+            '  {"source", "caption", "words", "score", "log_prob", "n_best": [{"caption", "score", "log_prob"}, ...],\n'
+            '   "tags": [{"word", "probability"}, ...], "constraints": [[word, ...], ...], "constraints_met"}\n'
             '  (plus "attention_figure", its PNG, with --attention).\n'
             "--attention DIR writes NAME.png per image (NAME from the image file; NAME-2.png, ... when two\n"
             "  images share a name): the image with the caption, then each word's attention over the image."
@@ -60,12 +65,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns (quote globs); - reads one image from standard input")
     parser.add_argument("--model", default="default", metavar="PATH", help="checkpoint folder, or 'default' for the shipped model (default)")
-    parser.add_argument("--beam", type=int, default=5, metavar="K", help="beam size; 1 is greedy decoding (default 5)")
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE, metavar="K", help=f"beam size; 1 is greedy decoding (default {DEFAULT_BEAM_SIZE}, as everywhere: 5 scores the same on the Flickr8k dev split and takes twice as long)")
     parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
     parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
     parser.add_argument("--length-penalty", type=float, metavar="ALPHA", help="GNMT length penalty; > 0 favours longer captions (default: the model's own, 0 unless it says otherwise)")
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops: exact (what running to --max-length finds) or heuristic (sooner; default: the model's own)")
+    parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); default: the model's own")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; default: the model's own")
+    parser.add_argument("--tags", action="store_true", help="also print each image's visual concepts (what the encoder's ImageNet classifier sees) and their probabilities")
+    parser.add_argument("--require", action="append", default=[], metavar="WORDS", help="the caption must name one of these comma-separated words (repeatable: --require cat,kitten --require laptop); words the model never learnt are added")
+    parser.add_argument("--concepts", type=int, metavar="N", help="the caption must name up to N of the image's likeliest visual concepts, 0: none (default: the model's own)")
+    parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely, 0 < P <= 1 (default: the model's own)")
     parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (FILE.partial until the run ends)")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
@@ -137,10 +148,13 @@ FLAGS = {
     "length_penalty": "--length-penalty",
     "no_repeat_ngram_size": "--no-repeat-ngram",
     "batch_size": "--batch-size",
+    "constraints": "--require",
+    "concept_constraints": "--concepts",
+    "concept_threshold": "--concept-threshold",
 }
 
 
-def check_options(args: argparse.Namespace) -> "GenerationConfig":
+def check_options(args: argparse.Namespace) -> GenerationConfig:
     """Refuse bad option values before any model or image is loaded; the decoding they ask for."""
     from captioner import ranges
     from captioner.decoding import GenerationConfig
@@ -149,7 +163,9 @@ def check_options(args: argparse.Namespace) -> "GenerationConfig":
         ranges.whole_number("batch_size", args.batch_size, 1, 4096)
         config = GenerationConfig.for_captions(
             args.beam, args.n_best, max_length=args.max_length, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
-            early_stopping=args.early_stopping,
+            early_stopping=args.early_stopping, block_bad_endings=args.block_bad_endings, block_doubled_words=args.block_doubled_words,
+            constraints=tuple(tuple(word.strip() for word in words.split(",")) for words in args.require),
+            concept_constraints=args.concepts, concept_threshold=args.concept_threshold,
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
@@ -182,15 +198,20 @@ def attention_names(paths: list[Path]) -> dict[Path, str]:
 # ----- output -------------------------------------------------------------------------------------
 
 
-def caption_lines(source: str, result: "CaptionResult", n_best: int) -> list[str]:
-    """``PATH<TAB>CAPTION``, then ``<TAB>RANK. CAPTION`` for the alternatives when ``n_best`` > 1."""
-    lines = [f"{source}\t{result.text}"]
+def caption_lines(source: str, result: CaptionResult, n_best: int, *, tags: bool = False) -> list[str]:
+    """``PATH<TAB>CAPTION``, then ``<TAB>RANK. CAPTION`` for the alternatives when ``n_best`` > 1,
+    then ``<TAB>tags: WORD P, ...`` with ``tags``; a caption that could not name what ``--require``
+    asked for says so on its line."""
+    unmet = "  [does not name every required word]" if result.constraints_met is False else ""
+    lines = [f"{source}\t{result.text}{unmet}"]
     if n_best > 1:
         lines.extend(f"\t{rank}. {alternative.text}" for rank, alternative in enumerate(result.n_best[1:n_best], start=2))
+    if tags:
+        lines.append("\ttags: " + (", ".join(f"{word} {probability:.2f}" for word, probability in result.tags) or "(none)"))
     return lines
 
 
-def json_record(result: "CaptionResult", figure: Path | None) -> dict[str, Any]:
+def json_record(result: CaptionResult, figure: Path | None) -> dict[str, Any]:
     record = result.to_dict()
     if figure is not None:
         record["attention_figure"] = str(figure)
@@ -256,7 +277,7 @@ class Console:
 # ----- the run ------------------------------------------------------------------------------------
 
 
-def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> list[tuple[Path, "Image.Image"]]:
+def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> list[tuple[Path, Image.Image]]:
     """Decode images; each unreadable one is reported (one line) and left out."""
     from captioner.data.images import load_image
     from captioner.errors import ImageLoadError
@@ -276,7 +297,7 @@ def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[start : start + size]
 
 
-def write_attention(folder: Path, name: str, image: "Image.Image", result: "CaptionResult", model: "Captioner") -> Path | None:
+def write_attention(folder: Path, name: str, image: Image.Image, result: CaptionResult, model: Captioner) -> Path | None:
     import numpy as np
 
     from captioner.visualize.attention import encoder_view, save_attention_figure
@@ -290,7 +311,7 @@ def write_attention(folder: Path, name: str, image: "Image.Image", result: "Capt
     return save_attention_figure(folder / name, view, result.words, attention, caption=result.text)
 
 
-def caption_images(model: "Captioner", loaded: list[tuple[Path, "Image.Image"]], config: "GenerationConfig") -> list["CaptionResult"]:
+def caption_images(model: Captioner, loaded: list[tuple[Path, Image.Image]], config: GenerationConfig) -> list[CaptionResult]:
     """Caption decoded images as one batch; each result (and its n-best list) names its file."""
     import torch
 
@@ -320,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def caption_all(args: argparse.Namespace, config: "GenerationConfig", paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
+def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
     """Caption every image, writing lines (and JSON records) batch by batch; returns how many failed."""
     from tqdm import tqdm
 
@@ -352,7 +373,7 @@ def caption_all(args: argparse.Namespace, config: "GenerationConfig", paths: lis
             records = []
             for (path, image), result in zip(loaded, caption_images(model, loaded, config)):
                 figure = write_attention(attention_folder, names[path], image, result, model) if attention_folder else None
-                for line in caption_lines(result.source, result, args.n_best):
+                for line in caption_lines(result.source, result, args.n_best, tags=args.tags):
                     console.out(line)
                 records.append(json_record(result, figure))
             if output:

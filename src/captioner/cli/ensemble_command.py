@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in its captions unless told otherwise, 0: off (default: the first model's)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when its beam search stops unless told otherwise (default: the first model's)")
+    parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); its own default unless told otherwise (default: the first model's)")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; its own default unless told otherwise (default: the first model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.set_defaults(run=run)
 
@@ -74,8 +76,9 @@ def write_ensemble(args: argparse.Namespace, views: tuple[str, ...]) -> int:
         ensemble.config.length_penalty = args.length_penalty
     if args.no_repeat_ngram is not None:
         ensemble.config.no_repeat_ngram_size = args.no_repeat_ngram
-    if args.early_stopping is not None:
-        ensemble.config.early_stopping = args.early_stopping
+    for name in ("early_stopping", "block_bad_endings", "block_doubled_words"):
+        if getattr(args, name) is not None:
+            setattr(ensemble.config, name, getattr(args, name))
     members = [{"model": str(model), "trained_on": trained_on(folder)} for model, folder in zip(args.models, folders)]
     ensemble.save(args.out, precision=args.precision, extra_files={MEMBERS_FILE: (json.dumps(members, indent=2) + "\n").encode()})
     size = sum(path.stat().st_size for path in Path(args.out).iterdir()) / 1e6

@@ -6,6 +6,8 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.limits import DEFAULT_BEAM_SIZE
+
     parser = subparsers.add_parser(
         "evaluate",
         help="score a model on a dataset split with the COCO caption metrics",
@@ -21,11 +23,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="DIR", help="prepared folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--images", metavar="DIR", help="image folder, if it moved since prepare")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
-    parser.add_argument("--beam", type=int, nargs="+", default=[3], metavar="K", help="beam sizes to score, e.g. 1 3 5 (1 is greedy; default 3)")
+    parser.add_argument("--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], metavar="K", help=f"beam sizes to score, e.g. 1 3 5 (1 is greedy; default {DEFAULT_BEAM_SIZE}, as everywhere)")
     parser.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: the model's own, 0 unless it says otherwise)")
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops (default: the model's own)")
+    parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); default: the model's own")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; default: the model's own")
+    parser.add_argument("--concepts", type=int, metavar="N", help="each caption must name up to N of its image's likeliest visual concepts, 0: none (default: the model's own)")
+    parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely (default: the model's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
@@ -43,6 +49,8 @@ FLAGS = {
     "no_repeat_ngram_size": "--no-repeat-ngram",
     "limit": "--limit",
     "batch_size": "--batch-size",
+    "concept_constraints": "--concepts",
+    "concept_threshold": "--concept-threshold",
 }
 
 
@@ -61,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram,
             early_stopping=args.early_stopping,
+            block_bad_endings=args.block_bad_endings,
+            block_doubled_words=args.block_doubled_words,
+            concept_constraints=args.concepts,
+            concept_threshold=args.concept_threshold,
             limit=args.limit,
             meteor=not args.no_meteor,
             out=args.out,

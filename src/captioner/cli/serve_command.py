@@ -26,6 +26,8 @@ SERVING_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "py
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.limits import DEFAULT_BEAM_SIZE
+
     parser = subparsers.add_parser(
         "serve",
         help="serve a web page and JSON API that caption uploaded images",
@@ -69,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder, or 'default' for the shipped model")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    parser.add_argument("--beam", type=int, default=5, metavar="K", help="default beam size of requests (default 5)")
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE, metavar="K", help=f"default beam size of requests (default {DEFAULT_BEAM_SIZE}, as everywhere)")
     parser.add_argument("--n-best", type=int, default=3, metavar="N", help="default number of captions listed (default 3)")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="most images captioned together (default 16)")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="how long a request waits for others to batch with (default 20; 0 adds no wait, and batches still form while the model is busy)")
@@ -94,7 +96,7 @@ def require_serving_packages() -> None:
         raise CaptionerError(f"serving needs {', '.join(missing)}; install with: pip install {' '.join(SERVING_PACKAGES.values())}")
 
 
-def warm_up(model: "Captioner", beam_size: int, n_best: int) -> None:
+def warm_up(model: Captioner, beam_size: int, n_best: int) -> None:
     """Caption one blank image, so the first request is not slow (and a broken model fails now)."""
     from PIL import Image
 

@@ -110,8 +110,11 @@ def _prepare(dataset: CaptionDataset, out: Path, options: PrepareOptions) -> Pre
         return 0 < len(tokenize(caption)) <= options.max_length
 
     train_captions = [c for r in records if r.split == "train" for c in r.captions if usable(c)]
-    if not train_captions:
-        raise DatasetError("no training captions left after dropping bad images and captions; nothing to prepare")
+    if not train_captions and not any(r.captions for r in records):
+        raise DatasetError("no training captions left after dropping bad images and captions, and none to evaluate on; nothing to prepare")
+    # Without training captions the folder is a set to evaluate models on (references are raw text;
+    # a model brings its own vocabulary): its vocabulary is the special tokens alone.
+    evaluation_only = not train_captions
     vocab = Vocabulary.build(train_captions, min_word_freq=options.min_word_freq, max_length=options.max_length)
 
     images = []
@@ -128,12 +131,14 @@ def _prepare(dataset: CaptionDataset, out: Path, options: PrepareOptions) -> Pre
                 dropped["caption with no words (kept as a reference)"] += 1
             elif len(words) > options.max_length:
                 dropped[f"caption over {options.max_length} words (kept as a reference)"] += 1
-            else:
+            elif not evaluation_only:  # (an evaluation-only set has no vocabulary to encode with)
                 encoded[record.split].append((vocab.encode(words), index))
                 counts[record.split]["encoded"] += 1
 
     warnings = list(dataset.warnings)
-    warnings.extend(f"split '{split}' has no images" for split in SPLITS if counts[split]["images"] == 0)
+    warnings.extend(f"split '{split}' has no images" for split in SPLITS if counts[split]["images"] == 0 and not (evaluation_only and split == "train"))
+    if evaluation_only:
+        warnings.append("no training split: this folder is for evaluating models (captioner evaluate MODEL --data it), not for training")
     unknown = 1.0 - vocab.coverage(c for r in records if r.split == "val" for c in r.captions)
     meta = {
         "format": PREPARED_FORMAT,
@@ -144,6 +149,7 @@ def _prepare(dataset: CaptionDataset, out: Path, options: PrepareOptions) -> Pre
         "options": {key: value for key, value in asdict(options).items() if key in ("min_word_freq", "max_length", "verify_images")},
         "counts": counts,
         "vocab_size": len(vocab),
+        "evaluation_only": evaluation_only,
         "val_unknown_word_rate": round(unknown, 4),
         "dropped": dict(dropped),
         "dropped_examples": {reason: names[:20] for reason, names in examples.items()},

@@ -17,6 +17,7 @@ forcing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ import torch
 
 from captioner import ranges
 from captioner.errors import ConfigError
+from captioner.limits import DEFAULT_BEAM_SIZE, MAX_BEAM_SIZE, MAX_CONSTRAINTS, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, MAX_NUM_RETURN, MAX_VOCABULARY
 from captioner.models.decoder import select_state
 
 if TYPE_CHECKING:
@@ -32,31 +34,44 @@ if TYPE_CHECKING:
 
 STRATEGIES = ("greedy", "beam", "sample")
 EARLY_STOPPING = ("exact", "heuristic")
-MAX_BEAM_SIZE = 100  # a wider beam costs memory and time in proportion and does not caption better
-MAX_NUM_RETURN = 100  # n-best list or samples per image
-MAX_LENGTH = 100  # words in a caption: decoding runs at most this many steps
-MAX_LENGTH_PENALTY = 10.0
-MAX_NO_REPEAT_NGRAM = 10
 #: Used where neither the call nor a model says otherwise.
-NEUTRAL_DEFAULTS = {"max_length": 30, "length_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": "exact"}
+NEUTRAL_DEFAULTS = {
+    "max_length": 30,
+    "length_penalty": 0.0,
+    "no_repeat_ngram_size": 0,
+    "early_stopping": "exact",
+    "block_bad_endings": False,
+    "block_doubled_words": False,
+    "concept_constraints": 0,
+    "concept_threshold": 0.5,
+    "concept_exclusion": 0.0,
+    "concept_known_words": 0,
+}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to decode. Fields that a strategy does not use are ignored by it.
 
-    ``max_length``, ``length_penalty``, ``no_repeat_ngram_size`` and ``early_stopping`` left as None
-    mean "the model's own" (:meth:`with_defaults`; a checkpoint may carry its own decoding settings). Every field is
+    ``max_length``, ``length_penalty``, ``no_repeat_ngram_size``, ``early_stopping`` and the two
+    ``block_...`` rules left as None mean "the model's own" (:meth:`with_defaults`; a checkpoint may carry its own decoding settings). Every field is
     checked here, whichever way it came in: a :class:`~captioner.ranges.SettingError` names the field.
     """
 
     strategy: str = "beam"
-    beam_size: int = 3
+    beam_size: int = DEFAULT_BEAM_SIZE
     num_return: int = 1  # n-best list length (beam) or samples per image (sample)
     max_length: int | None = None  # most words per caption (<end> not counted)
     min_length: int = 1  # <end> is not allowed before this many words
     length_penalty: float | None = None  # GNMT alpha: rank by log_prob / ((5 + n) / 6) ** alpha, n = scored tokens
     no_repeat_ngram_size: int | None = None  # block any n-gram from appearing twice in a caption (0: off)
+    block_bad_endings: bool | None = None  # no <end> right after a word the training captions never end on ("a", "in", ...)
+    block_doubled_words: bool | None = None  # no word right after itself ("are are")
+    constraints: tuple[tuple[str, ...], ...] = ()  # words every caption must name: one of each tuple ("cat", "cats", "kitten")
+    concept_constraints: int | None = None  # up to this many constraints in all from each image's visual concepts (0: none)
+    concept_threshold: float | None = None  # ... the concepts at least this likely
+    concept_exclusion: float | None = None  # with concept constraints on, no word for an animal the image's concepts give less than this (0: off)
+    concept_known_words: int | None = None  # a concept the model says among its N most frequent words is left to it (0: none is)
     allow_unk: bool = False  # <unk> is never generated unless this is True (it is not a word anyone wants to read)
     temperature: float = 1.0  # sample only
     top_k: int = 0  # sample only: keep the k most likely words (0: all)
@@ -84,12 +99,17 @@ class GenerationConfig:
         ranges.whole_number("top_k", self.top_k, 0, 1_000_000)
         ranges.number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         ranges.optional_whole_number("seed", self.seed, 0, 2**63 - 1)
-        for name in ("allow_unk", "return_attention"):
-            if not isinstance(getattr(self, name), bool):
+        object.__setattr__(self, "constraints", _checked_constraints(self.constraints))
+        ranges.optional_whole_number("concept_constraints", self.concept_constraints, 0, MAX_CONSTRAINTS)
+        ranges.optional_number("concept_threshold", self.concept_threshold, 1e-6, 1.0)
+        ranges.optional_number("concept_exclusion", self.concept_exclusion, 0.0, 1.0)
+        ranges.optional_whole_number("concept_known_words", self.concept_known_words, 0, MAX_VOCABULARY)
+        for name in ("allow_unk", "return_attention", "block_bad_endings", "block_doubled_words"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")
 
     @classmethod
-    def for_captions(cls, beam_size: int = 3, n_best: int = 1, **settings: Any) -> "GenerationConfig":
+    def for_captions(cls, beam_size: int = DEFAULT_BEAM_SIZE, n_best: int = 1, **settings: Any) -> GenerationConfig:
         """What a caption request means: greedy for ``beam_size=1`` (unless ``n_best`` asks for more),
         beam search otherwise, the beam widened to ``n_best`` (a beam of k holds k captions); other
         fields pass through. Every front end (Python, command line, web) asks this way."""
@@ -98,13 +118,30 @@ class GenerationConfig:
         strategy = settings.pop("strategy", "beam" if beam_size > 1 or n_best > 1 else "greedy")
         return cls(strategy=strategy, beam_size=max(beam_size, n_best) if strategy == "beam" else beam_size, num_return=n_best, **settings)
 
-    def with_defaults(self, **defaults: Any) -> "GenerationConfig":
+    def with_defaults(self, **defaults: Any) -> GenerationConfig:
         """This config with its None fields (the "model's own" ones) taken from ``defaults``."""
         missing = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         return replace(self, **missing) if missing else self
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _checked_constraints(constraints: Any) -> tuple[tuple[str, ...], ...]:
+    """Constraints as tuples of single lower-case words (each tuple: the words of which one must appear)."""
+    from captioner.data.vocabulary import tokenize
+
+    if isinstance(constraints, str) or not isinstance(constraints, (list, tuple)):
+        raise ranges.SettingError("constraints", f"must be a list of word lists (one of each must appear), not {ranges.shown(constraints)}")
+    checked = []
+    for words in constraints:
+        words = [words] if isinstance(words, str) else words
+        if not isinstance(words, (list, tuple)) or not words or not all(isinstance(word, str) and len(tokenize(word)) == 1 for word in words):
+            raise ranges.SettingError("constraints", f"must each be one or more single words (\"cat\" or [\"cat\", \"kitten\"]), not {ranges.shown(' '.join(map(str, words)) if isinstance(words, (list, tuple)) else words)}")
+        checked.append(tuple(dict.fromkeys(tokenize(word)[0] for word in words)))
+    if len(checked) > MAX_CONSTRAINTS:
+        raise ranges.SettingError("constraints", f"can be at most {MAX_CONSTRAINTS} (the search keeps 2^n beams), not {len(checked)}")
+    return tuple(checked)
 
 
 @dataclass
@@ -117,6 +154,7 @@ class Caption:
     score: float  # what captions were ranked by (log_prob with the length penalty applied)
     finished: bool  # False: stopped at max_length without <end>
     attention: torch.Tensor | None = field(default=None, repr=False)  # (len(tokens), P): where each word looked
+    constraints_met: bool | None = None  # under constraints: whether this caption meets them all
 
     @property
     def words(self) -> list[str]:
@@ -126,29 +164,108 @@ class Caption:
         return {"text": self.text, "tokens": self.tokens, "log_prob": self.log_prob, "score": self.score, "finished": self.finished}
 
 
+
+
+@dataclass
+class Constraints:
+    """Per image, the disjunctive constraints its caption must meet: each a set of word ids, one of
+    which must appear ("one of cat, cats, kitten"); and the words it may not write (``banned``).
+    Words at or past ``vocab.extension_start`` (added to the vocabulary for constraints) may only be
+    written where a constraint of the image names them: without constraints, the model decodes
+    exactly as it did before its vocabulary grew."""
+
+    per_image: list[list[frozenset[int]]]
+    banned: list[frozenset[int]] = field(default_factory=list)  # per image (empty: none)
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for constraints in self.per_image:
+            if len(constraints) > MAX_CONSTRAINTS:
+                raise ConfigError(f"at most {MAX_CONSTRAINTS} constraints per image (the search keeps 2^n beams), not {len(constraints)}")
+        if self.banned and len(self.banned) != len(self.per_image):
+            raise ConfigError(f"banned words for {len(self.banned)} images, constraints for {len(self.per_image)}")
+
+    @property
+    def count(self) -> int:
+        return max((len(c) for c in self.per_image), default=0)
+
+    @property
+    def states(self) -> int:
+        return 2**self.count
+
+    def initial_states(self) -> list[int]:
+        """Each image's first state: the constraints it does not have count as met."""
+        return [(2**self.count - 1) & ~(2 ** len(c) - 1) for c in self.per_image]
+
+    def word_states(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """(B, V) int: bit i set where the word meets the image's constraint i."""
+        bits = torch.zeros(len(self.per_image), vocab_size, dtype=torch.long)
+        for image, constraints in enumerate(self.per_image):
+            for i, words in enumerate(constraints):
+                bits[image, sorted(words)] |= 1 << i
+        return bits.to(device)
+
+    def mask_logits(self, logits: torch.Tensor, vocab: Vocabulary, rows_per_image: int) -> torch.Tensor:
+        """Logits (B * rows_per_image, V), -inf for each image's banned words, and for the added words
+        except where the image's constraints name them."""
+        start = vocab.extension_start if vocab.extension_start is not None else logits.shape[1]
+        if start >= logits.shape[1] and not any(self.banned):
+            return logits
+        key = (logits.shape[1], rows_per_image, logits.device)
+        if key not in self._masks:  # the same at every step of a search: made once
+            blocked = torch.zeros(len(self.per_image), logits.shape[1], dtype=torch.bool)
+            blocked[:, start:] = True
+            for image, constraints in enumerate(self.per_image):
+                for words in constraints:
+                    blocked[image, sorted(words)] = False
+                if self.banned and self.banned[image]:
+                    blocked[image, sorted(self.banned[image])] = True
+            self._masks[key] = blocked.to(logits.device).repeat_interleave(rows_per_image, dim=0)  # (rows, V)
+        return logits.masked_fill(self._masks[key], -math.inf)
+
+
 def length_penalty(scored_tokens: int, alpha: float) -> float:
     """GNMT's lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016); 1 when alpha is 0."""
     return ((5.0 + scored_tokens) / 6.0) ** alpha
 
 
-def generate(decoder: "Decoder", features: torch.Tensor, vocab: "Vocabulary", config: GenerationConfig | None = None) -> list[list[Caption]]:
+def generate(
+    decoder: Decoder,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    config: GenerationConfig | None = None,
+    constraints: Sequence[Sequence[Iterable[int]]] | None = None,
+    banned: Sequence[Iterable[int]] | None = None,
+) -> list[list[Caption]]:
     """Caption a batch: features (B, P, D) -> B lists of captions, best first.
 
     ``features`` are what the decoder reads (an ensemble with V views reads (B, V * P, D)). Fields of
-    ``config`` left as None take :data:`NEUTRAL_DEFAULTS`. The decoder is run in eval mode under
-    ``torch.inference_mode()`` and left in the mode it was in.
+    ``config`` left as None take :data:`NEUTRAL_DEFAULTS`. ``constraints``: per image, word-id sets
+    of which one each must appear (beam search only; see :func:`_beam_search`); ``banned``: per
+    image, word ids it may not write (every strategy). The decoder is run
+    in eval mode under ``torch.inference_mode()`` and left in the mode it was in.
     """
     config = (config or GenerationConfig()).with_defaults(**NEUTRAL_DEFAULTS)
     if features.dim() != 3:
         raise ConfigError(f"expected features (B, P, D), got shape {tuple(features.shape)}")
     if features.shape[0] == 0:
         return []
+    required = Constraints(
+        [[frozenset(words) for words in image] for image in constraints] if constraints is not None else [[] for _ in range(features.shape[0])],
+        [frozenset(words) for words in banned] if banned is not None else [],
+    )
+    if len(required.per_image) != features.shape[0]:
+        raise ConfigError(f"constraints for {len(required.per_image)} images, features for {features.shape[0]}")
+    if required.count and config.strategy != "beam":
+        raise ConfigError(f"constraints need beam search (a beam of at least 1), not {config.strategy}")
     was_training = decoder.training
     decoder.eval()
     try:
         with torch.inference_mode():
-            search = {"greedy": _greedy, "beam": _beam_search, "sample": _sample}[config.strategy]
-            return search(decoder, vocab, features.float(), config)
+            if config.strategy == "beam":
+                return _beam_search(decoder, vocab, features.float(), config, required)
+            search = {"greedy": _greedy, "sample": _sample}[config.strategy]
+            return search(decoder, vocab, features.float(), config, required)
     finally:
         decoder.train(was_training)
 
@@ -156,12 +273,14 @@ def generate(decoder: "Decoder", features: torch.Tensor, vocab: "Vocabulary", co
 # ----- shared pieces ------------------------------------------------------------------------
 
 
-def _log_probs(vocab: "Vocabulary", logits: torch.Tensor, history: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+def _log_probs(vocab: Vocabulary, logits: torch.Tensor, history: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Model log-probabilities (rows, V) with the tokens that may not come next set to -inf.
 
     Never generated: <pad>, <start>, <unk> (unless allowed), <end> before ``min_length``, a word
-    that repeats an n-gram (``no_repeat_ngram_size``). Where these rules leave a row no token at
-    all (a tiny vocabulary, a long ``min_length``), <end> is allowed there: decoding always ends.
+    that repeats an n-gram (``no_repeat_ngram_size``), <end> right after a bad ending
+    (``block_bad_endings``: a word the training captions never end on), a word right after itself
+    (``block_doubled_words``). Where these rules leave a row no token at all (a tiny vocabulary, a
+    long ``min_length``), <end> is allowed there: decoding always ends.
     """
     model_log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs = model_log_probs.clone()
@@ -172,10 +291,24 @@ def _log_probs(vocab: "Vocabulary", logits: torch.Tensor, history: torch.Tensor,
     if history.shape[1] < config.min_length:
         log_probs[:, vocab.end_id] = -math.inf
     _block_repeated_ngrams(log_probs, history, config.no_repeat_ngram_size)
+    if config.block_bad_endings and vocab.bad_endings and history.shape[1]:
+        log_probs[ends_badly(vocab, history[:, -4:].tolist()), vocab.end_id] = -math.inf
+    if config.block_doubled_words and history.shape[1]:
+        log_probs.scatter_(1, history[:, -1:], -math.inf)  # the word before may not come again
     stuck = ~torch.isfinite(log_probs).any(dim=1)  # (rows,)
     if bool(stuck.any()):
         log_probs[stuck, vocab.end_id] = model_log_probs[stuck, vocab.end_id]
     return log_probs
+
+
+def ends_badly(vocab: Vocabulary, recent: list[list[int]]) -> list[int]:
+    """The rows whose words so far (their last few are enough) end on a bad ending: a word or phrase
+    of up to four words the training captions never end on. <end> may not come next there."""
+    bad = vocab.bad_ending_ids
+    if not bad:
+        return []
+    longest = max(len(ending) for ending in bad)
+    return [row for row, words in enumerate(recent) if any(tuple(words[-n:]) in bad for n in range(1, min(longest, len(words)) + 1))]
 
 
 def _block_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) -> None:
@@ -192,7 +325,7 @@ def _block_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: in
             log_probs[row, banned] = -math.inf
 
 
-def _caption(vocab: "Vocabulary", tokens: list[int], log_prob: float, finished: bool, attention: torch.Tensor | None, alpha: float) -> Caption:
+def _caption(vocab: Vocabulary, tokens: list[int], log_prob: float, finished: bool, attention: torch.Tensor | None, alpha: float) -> Caption:
     scored = len(tokens) + (1 if finished else 0)
     return Caption(
         text=vocab.decode(tokens, strip_special=False) if tokens else "",
@@ -212,7 +345,7 @@ def _stack_attention(steps: list[torch.Tensor]) -> torch.Tensor | None:
 # ----- greedy ---------------------------------------------------------------------------------
 
 
-def _greedy(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
+def _greedy(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config: GenerationConfig, rules: Constraints) -> list[list[Caption]]:
     batch, device = features.shape[0], features.device
     state = decoder.init_state(features)
     tokens = torch.full((batch,), vocab.start_id, dtype=torch.long, device=device)
@@ -223,7 +356,7 @@ def _greedy(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, con
     lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, logits, history, config)  # (B, V)
+        log_probs = _log_probs(vocab, rules.mask_logits(logits, vocab, 1), history, config)  # (B, V)
         if t == config.max_length:  # no room for another word: only <end> can still finish a caption
             ends = ~finished & (log_probs.argmax(dim=1) == vocab.end_id)
             total = torch.where(ends, total + log_probs[:, vocab.end_id], total)
@@ -253,13 +386,22 @@ def _greedy(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, con
 # ----- beam search ----------------------------------------------------------------------------
 
 
-def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
-    """Batched beam search over B images x k beams.
+def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config: GenerationConfig, constraints: Constraints) -> list[list[Caption]]:
+    """Batched (constrained) beam search over B images x S constraint states x k beams.
 
-    At each step every live beam is extended by every word; per image the 2k best extensions are
-    ranked. An extension by <end> ranked within the top k becomes a finished hypothesis (as in
-    Hugging Face's implementation, so k=1 is exactly greedy); the k best other extensions become the
-    next beams. An image is done when it has k finished hypotheses and no live beam can still beat
+    Without constraints (S = 1): at each step every live beam is extended by every word; per image
+    the 2k best extensions are ranked. An extension by <end> ranked within the top k becomes a
+    finished hypothesis (as in Hugging Face's implementation, so k=1 is exactly greedy); the k best
+    other extensions become the next beams.
+
+    With m disjunctive constraints ("one of cat, cats, kitten"), each image keeps a beam of k for
+    each of the S = 2^m sets of constraints met so far, a finite-state automaton over them (Anderson
+    et al. 2017): an extension by a word that meets constraints moves into the state of the larger
+    set, and each state keeps the k best extensions that land in it. Captions are taken from the
+    state where every constraint is met; when none finished there, from all states (the best caption
+    the search found), and ``constraints_met`` says so.
+
+    An image is done when its final state has k finished hypotheses and no live beam can still beat
     the worst of them: with ``early_stopping="exact"`` by any caption up to max_length (the search
     then returns exactly what running to max_length would; under a length penalty a longer caption
     may always score better, so the bound depends on max_length), with ``"heuristic"`` by ending
@@ -269,19 +411,25 @@ def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor
     """
     k, alpha = config.beam_size, config.length_penalty
     batch, device = features.shape[0], features.device
-    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))  # (B*k, ...)
-    scores = features.new_full((batch, k), -math.inf)  # (B, k) log-probability of each beam
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    tokens = torch.full((batch * k,), vocab.start_id, dtype=torch.long, device=device)
-    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)  # (B*k, t)
-    attention: torch.Tensor | None = None  # (B*k, t, P) once the decoder has given a map
-    pools: list[list[tuple[float, float, list[int], torch.Tensor | None, bool]]] = [[] for _ in range(batch)]
+    states = constraints.states  # S
+    final = states - 1  # every constraint met
+    groups = batch * states  # (image, state) pairs, each with k beams
+    rows = groups * k
+    state_of_row = torch.arange(states, device=device).repeat_interleave(k)  # (S*k,) within an image
+    word_states = constraints.word_states(len(vocab), device)  # (B, V) the constraints each word meets, as bits
+    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(states * k))  # (B*S*k, ...)
+    scores = features.new_full((batch, states, k), -math.inf)  # (B, S, k) log-probability of each beam
+    scores[torch.arange(batch), torch.tensor(constraints.initial_states()), 0] = 0.0  # one beam starts, the others are copies of it
+    tokens = torch.full((rows,), vocab.start_id, dtype=torch.long, device=device)
+    history = torch.zeros(rows, 0, dtype=torch.long, device=device)  # (B*S*k, t)
+    attention: torch.Tensor | None = None  # (B*S*k, t, P) once the decoder has given a map
+    pools: list[list[list[tuple[float, float, list[int], torch.Tensor | None, bool]]]] = [[[] for _ in range(states)] for _ in range(batch)]
     done = [False] * batch
     keep_attention = config.return_attention and decoder.has_attention
 
-    def add(image: int, log_prob: float, words: list[int], row_attention: torch.Tensor | None, finished: bool) -> None:
+    def add(image: int, into: int, log_prob: float, words: list[int], row_attention: torch.Tensor | None, finished: bool) -> None:
         scored = len(words) + (1 if finished else 0)
-        pool = pools[image]
+        pool = pools[image][into]
         pool.append((log_prob / length_penalty(scored, alpha), log_prob, words, row_attention, finished))
         pool.sort(key=lambda item: -item[0])
         del pool[k:]
@@ -291,54 +439,62 @@ def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor
 
     for t in range(config.max_length + 1):
         logits, state, alpha_t = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, logits, history, config)  # (B*k, V)
+        log_probs = _log_probs(vocab, constraints.mask_logits(logits, vocab, states * k), history, config)  # (B*S*k, V)
         vocab_size = log_probs.shape[1]
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab_size)  # (B, k*V)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab_size), dim=1)  # (B, 2k), best first
-        origin = top_index // vocab_size  # (B, 2k) which beam
-        word = top_index % vocab_size  # (B, 2k) which word
-        is_end = word == vocab.end_id
         if t == config.max_length:
-            # No room for another word. Each live beam gives one hypothesis: finished if <end> is its
-            # most likely next token (as greedy decides), otherwise unfinished at max_length.
-            ends_here = (log_probs.argmax(dim=1) == vocab.end_id).tolist()  # (B*k,)
+            # No room for another word. Each live beam gives one hypothesis in its state's pool:
+            # finished if <end> is its most likely next token (as greedy decides), else unfinished.
+            ends_here = (log_probs.argmax(dim=1) == vocab.end_id).tolist()  # (B*S*k,)
             end_log_probs = log_probs[:, vocab.end_id].tolist()
             beam_scores, words = scores.view(-1).tolist(), history.tolist()  # one copy from the device, not one per beam
-            for row in range(batch * k):
-                image = row // k
+            for row in range(rows):
+                image, into = row // (states * k), (row // k) % states
                 if done[image] or not math.isfinite(beam_scores[row]):
                     continue
                 if ends_here[row]:
-                    add(image, beam_scores[row] + end_log_probs[row], words[row], row_attention(row), True)
+                    add(image, into, beam_scores[row] + end_log_probs[row], words[row], row_attention(row), True)
                 else:
-                    add(image, beam_scores[row], words[row], row_attention(row), False)
+                    add(image, into, beam_scores[row], words[row], row_attention(row), False)
             break
-        # Extensions by <end> within the top k of their image finish a hypothesis.
-        finishing = is_end & (torch.arange(top_scores.shape[1], device=device) < k) & torch.isfinite(top_scores)
-        finished_at = finishing.nonzero().tolist()
-        if finished_at:
-            finished_scores, finished_origin = top_scores.tolist(), origin.tolist()
-            for image, position in finished_at:
-                if not done[image]:
-                    row = image * k + finished_origin[image][position]
-                    add(image, finished_scores[image][position], history[row].tolist(), row_attention(row), True)
-        # The k best extensions by a word become the next beams (there are always k among the 2k).
-        live = ~is_end
-        chosen = live & (live.cumsum(dim=1) <= k)  # (B, 2k), exactly k per image
-        next_scores = top_scores[chosen].view(batch, k)
-        next_origin = (origin[chosen].view(batch, k) + torch.arange(batch, device=device).unsqueeze(1) * k).view(-1)  # (B*k,)
-        next_word = word[chosen].view(-1)  # (B*k,)
-        state = select_state(state, next_origin, keep=decoder.image_constant_keys)  # beams never leave their image
-        history = torch.cat([history[next_origin], next_word.unsqueeze(1)], dim=1)
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, states * k, vocab_size)  # (B, S*k, V)
+        if states > 1:
+            landing = state_of_row.view(1, -1, 1) | word_states.unsqueeze(1)  # (B, S*k, V) the state each extension lands in
+        next_scores, next_origin, next_word = [], [], []
+        for into in range(states):
+            ranked = (candidates if states == 1 else candidates.masked_fill(landing != into, -math.inf)).view(batch, -1)  # (B, S*k*V)
+            top_scores, top_index = ranked.topk(min(2 * k, ranked.shape[1]), dim=1)  # (B, 2k), best first
+            origin = top_index // vocab_size  # (B, 2k) which beam of the image
+            word = top_index % vocab_size  # (B, 2k) which word
+            is_end = word == vocab.end_id
+            # Extensions by <end> within the top k of their state finish a hypothesis there.
+            finishing = is_end & (torch.arange(top_scores.shape[1], device=device) < k) & torch.isfinite(top_scores)
+            finished_at = finishing.nonzero().tolist()
+            if finished_at:
+                finished_scores, finished_origin = top_scores.tolist(), origin.tolist()
+                for image, position in finished_at:
+                    if not done[image]:
+                        row = image * states * k + finished_origin[image][position]
+                        add(image, into, finished_scores[image][position], history[row].tolist(), row_attention(row), True)
+            # The k best extensions by a word become the state's next beams (at most k of the 2k are
+            # ends: only its own k beams can end into a state).
+            live = ~is_end
+            chosen = live & (live.cumsum(dim=1) <= k)  # (B, 2k), exactly k per image
+            next_scores.append(top_scores[chosen].view(batch, k))
+            next_origin.append(origin[chosen].view(batch, k))
+            next_word.append(word[chosen].view(batch, k))
+        scores = torch.stack(next_scores, dim=1)  # (B, S, k)
+        origins = (torch.stack(next_origin, dim=1) + (torch.arange(batch, device=device) * states * k).view(-1, 1, 1)).view(-1)  # (B*S*k,)
+        tokens = torch.stack(next_word, dim=1).view(-1)  # (B*S*k,)
+        state = select_state(state, origins, keep=decoder.image_constant_keys)  # beams never leave their image
+        history = torch.cat([history[origins], tokens.unsqueeze(1)], dim=1)
         if keep_attention and alpha_t is not None:
-            previous = attention[next_origin] if attention is not None else alpha_t.new_zeros(batch * k, 0, alpha_t.shape[1])
-            attention = torch.cat([previous, alpha_t[next_origin].unsqueeze(1)], dim=1)
-        scores = next_scores
-        tokens = next_word
-        # An image is done once its pool is full and no live beam can still beat the pool's worst.
-        best_lives = scores.max(dim=1).values.tolist()  # (B,), one copy from the device per step
+            previous = attention[origins] if attention is not None else alpha_t.new_zeros(rows, 0, alpha_t.shape[1])
+            attention = torch.cat([previous, alpha_t[origins].unsqueeze(1)], dim=1)
+        # An image is done once its final pool is full and no live beam, in any state, can still beat its worst.
+        best_lives = scores.view(batch, -1).max(dim=1).values.tolist()  # (B,), one copy from the device per step
         for image in range(batch):
-            if done[image] or len(pools[image]) < k:
+            pool = pools[image][final]
+            if done[image] or len(pool) < k:
                 continue
             best_live = best_lives[image]
             # A live beam's log-probability only falls; its score is at best divided by the largest
@@ -346,20 +502,25 @@ def _beam_search(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor
             longest = config.max_length + 1 if config.early_stopping == "exact" else t + 1
             largest_penalty = max(length_penalty(t + 1, alpha), length_penalty(longest, alpha))
             bound = best_live / largest_penalty if best_live < 0 else best_live
-            if not math.isfinite(best_live) or pools[image][-1][0] >= bound:
+            if not math.isfinite(best_live) or pool[-1][0] >= bound:
                 done[image] = True
         if all(done):
             break
-    return [
-        [_caption(vocab, words, log_prob, finished, kept_attention, alpha) for _, log_prob, words, kept_attention, finished in pool[: config.num_return]]
-        for pool in pools
-    ]
+    results = []
+    for image_pools, image_constraints in zip(pools, constraints.per_image):
+        met = bool(image_pools[final])
+        pool = image_pools[final] if met else sorted((item for p in image_pools for item in p), key=lambda item: -item[0])
+        found = [_caption(vocab, words, log_prob, finished, kept_attention, alpha) for _, log_prob, words, kept_attention, finished in pool[: config.num_return]]
+        for caption in found:
+            caption.constraints_met = met if image_constraints else None
+        results.append(found)
+    return results
 
 
 # ----- sampling -------------------------------------------------------------------------------
 
 
-def _sample(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, config: GenerationConfig) -> list[list[Caption]]:
+def _sample(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config: GenerationConfig, rules: Constraints) -> list[list[Caption]]:
     """num_return independent samples per image, with temperature / top-k / top-p filtering."""
     n = config.num_return
     batch, device = features.shape[0], features.device
@@ -378,7 +539,7 @@ def _sample(decoder: "Decoder", vocab: "Vocabulary", features: torch.Tensor, con
     lengths = torch.full((rows,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, logits, history, config)  # (rows, V) the model's own
+        log_probs = _log_probs(vocab, rules.mask_logits(logits, vocab, n), history, config)  # (rows, V) the model's own
         if t == config.max_length:  # only <end> is still possible: sample whether to stop here
             end_probability = _filtered_probs(log_probs, config)[:, vocab.end_id]
             ends = ~finished & (torch.rand(rows, generator=generator, device=device) < end_probability)

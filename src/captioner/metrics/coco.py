@@ -19,8 +19,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Hashable, Iterable, Mapping, Sequence
 
 from captioner.errors import CaptionerError
 
@@ -91,6 +91,31 @@ def score_captions(
     unknown = [name for name in wanted if name not in METRIC_NAMES]
     if unknown:
         raise MetricsError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)}")
+    keys, gen_tokens, ref_tokens = _tokenized(generated, references, tokenize)
+    scores: dict[str, float] = {}
+    if any(name.startswith("BLEU") for name in wanted):
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its length statistics
+            bleu, _ = Bleu(4).compute_score(ref_tokens, gen_tokens, verbose=0)
+        for n in range(1, 5):
+            if f"BLEU-{n}" in wanted:
+                scores[f"BLEU-{n}"] = 100.0 * float(bleu[n - 1])
+    if "METEOR" in wanted:
+        scores["METEOR"] = 100.0 * meteor(ref_tokens, gen_tokens)
+    if "ROUGE-L" in wanted:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(ref_tokens, gen_tokens)[0])
+    if "CIDEr-D" in wanted:
+        from pycocoevalcap.cider.cider import Cider
+
+        scores["CIDEr-D"] = 100.0 * float(Cider().compute_score(ref_tokens, gen_tokens)[0])
+    return {name: scores[name] for name in METRIC_NAMES if name in scores}
+
+
+def _tokenized(generated: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], tokenize: bool) -> tuple[list, dict, dict]:
+    """(keys in order, {i: [caption tokens]}, {i: [reference tokens, ...]}), checked for matching images."""
     generated_keys, reference_keys = set(generated), set(references)
     if not generated_keys:
         raise MetricsError("nothing to score: no generated captions")
@@ -115,27 +140,16 @@ def score_captions(
     else:
         gen_tokens = {i: [" ".join(str(generated[key]).split())] for i, key in enumerate(keys)}
         ref_tokens = {i: [" ".join(str(r).split()) for r in references[key]] for i, key in enumerate(keys)}
+    return keys, gen_tokens, ref_tokens
 
-    scores: dict[str, float] = {}
-    if any(name.startswith("BLEU") for name in wanted):
-        from pycocoevalcap.bleu.bleu import Bleu
 
-        with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its length statistics
-            bleu, _ = Bleu(4).compute_score(ref_tokens, gen_tokens, verbose=0)
-        for n in range(1, 5):
-            if f"BLEU-{n}" in wanted:
-                scores[f"BLEU-{n}"] = 100.0 * float(bleu[n - 1])
-    if "METEOR" in wanted:
-        scores["METEOR"] = 100.0 * meteor(ref_tokens, gen_tokens)
-    if "ROUGE-L" in wanted:
-        from pycocoevalcap.rouge.rouge import Rouge
+def cider_per_image(generated: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *, tokenize: bool = True) -> dict[Hashable, float]:
+    """Each image's CIDEr-D (0-100; their mean is the corpus score), for intervals over resampled images."""
+    from pycocoevalcap.cider.cider import Cider
 
-        scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(ref_tokens, gen_tokens)[0])
-    if "CIDEr-D" in wanted:
-        from pycocoevalcap.cider.cider import Cider
-
-        scores["CIDEr-D"] = 100.0 * float(Cider().compute_score(ref_tokens, gen_tokens)[0])
-    return {name: scores[name] for name in METRIC_NAMES if name in scores}
+    keys, gen_tokens, ref_tokens = _tokenized(generated, references, tokenize)
+    _, per_image = Cider().compute_score(ref_tokens, gen_tokens)
+    return {key: 100.0 * float(value) for key, value in zip(keys, per_image)}
 
 
 def meteor(references: Mapping[int, list[str]], generated: Mapping[int, list[str]]) -> float:
@@ -176,4 +190,4 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-__all__ = ["METRIC_NAMES", "MetricsError", "score_captions", "ptb_tokenize", "meteor", "java_available"]
+__all__ = ["METRIC_NAMES", "MetricsError", "cider_per_image", "java_available", "meteor", "ptb_tokenize", "score_captions"]

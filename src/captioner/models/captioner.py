@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,16 +15,19 @@ from torch import nn
 
 from captioner import ranges
 from captioner.data.images import Preprocessing
-from captioner.data.vocabulary import Vocabulary
-from captioner.decoding.generate import EARLY_STOPPING, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, NEUTRAL_DEFAULTS
+from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
+from captioner.decoding.generate import EARLY_STOPPING, NEUTRAL_DEFAULTS
 from captioner.errors import CheckpointError, ConfigError
+from captioner.limits import DEFAULT_BEAM_SIZE, MAX_CONSTRAINTS, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, MAX_VOCABULARY
 from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, open_checkpoint, quantize_int8, save_checkpoint
+from captioner.models.concepts import concept_vocabulary
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
 
 if TYPE_CHECKING:
     from captioner.decoding import Caption, GenerationConfig
+    from captioner.models.concepts import Concept
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "default"
 PRECISIONS = ("float32", "float16", "int8")
@@ -37,9 +41,12 @@ class CaptionResult:
     words: list[str]
     score: float  # the ranking score (log-probability, length-penalised if asked)
     log_prob: float  # the model's total log-probability of the caption
-    attention: "np.ndarray | None"  # (len(words), h, w): where each word looked, rows sum to 1; None for Show and Tell
-    n_best: list["CaptionResult"] = field(default_factory=list)  # all the captions asked for (n_best of them), best first; theirs are empty
+    attention: np.ndarray | None  # (len(words), h, w): where each word looked, rows sum to 1; None for Show and Tell
+    n_best: list[CaptionResult] = field(default_factory=list)  # all the captions asked for (n_best of them), best first; theirs are empty
     source: str = ""  # the path (or a description) of the image
+    tags: list[tuple[str, float]] = field(default_factory=list)  # visual concepts (word, probability), likeliest first
+    constraints: list[list[str]] = field(default_factory=list)  # what the caption had to name: per constraint, one of these words
+    constraints_met: bool | None = None  # whether it does (None: there were no constraints)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,7 +56,24 @@ class CaptionResult:
             "score": round(self.score, 4),
             "log_prob": round(self.log_prob, 4),
             "n_best": [{"caption": r.text, "score": round(r.score, 4), "log_prob": round(r.log_prob, 4)} for r in self.n_best],
+            "tags": [{"word": word, "probability": round(probability, 4)} for word, probability in self.tags],
+            "constraints": self.constraints,
+            "constraints_met": self.constraints_met,
         }
+
+
+#: The decoding settings a model carries as its own (config.json holds those that are not neutral).
+DECODING_DEFAULTS = (
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "early_stopping",
+    "block_bad_endings",
+    "block_doubled_words",
+    "concept_constraints",
+    "concept_threshold",
+    "concept_exclusion",
+    "concept_known_words",
+)
 
 
 @dataclass
@@ -63,10 +87,16 @@ class CaptionerConfig:
     length_penalty: float = 0.0  # GNMT alpha beam search ranks captions with
     no_repeat_ngram_size: int = 0  # no n-gram of this size twice in a caption (0: off)
     early_stopping: str = "exact"  # when beam search ends: "exact" or "heuristic" (see captioner.decoding)
+    block_bad_endings: bool = False  # never end right after a word the training captions do not end on
+    block_doubled_words: bool = False  # never say a word twice in a row
+    concept_constraints: int = 0  # up to this many of an image's visual concepts its caption must name (constrained beam search)
+    concept_threshold: float = 0.5  # ... those at least this likely
+    concept_exclusion: float = 0.0  # with concept constraints on, no word for an animal its concepts give less than this (0: off)
+    concept_known_words: int = 0  # concepts the model says among its N most frequent words are left to it (0: none)
 
     def decoding_defaults(self) -> dict[str, Any]:
         """The model's own :class:`~captioner.decoding.GenerationConfig` settings."""
-        return {"length_penalty": self.length_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size, "early_stopping": self.early_stopping}
+        return {name: getattr(self, name) for name in DECODING_DEFAULTS}
 
     def to_dict(self) -> dict[str, Any]:
         values = {
@@ -86,9 +116,16 @@ class CaptionerConfig:
         ranges.whole_number("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NO_REPEAT_NGRAM)
         if self.early_stopping not in EARLY_STOPPING:
             raise ranges.SettingError("early_stopping", f"must be one of {', '.join(EARLY_STOPPING)}, not {ranges.shown(self.early_stopping)}")
+        for name in ("block_bad_endings", "block_doubled_words"):
+            if not isinstance(getattr(self, name), bool):
+                raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")
+        ranges.whole_number("concept_constraints", self.concept_constraints, 0, MAX_CONSTRAINTS)
+        self.concept_threshold = ranges.number("concept_threshold", self.concept_threshold, 0.0, 1.0, low_open=True)
+        self.concept_exclusion = ranges.number("concept_exclusion", self.concept_exclusion, 0.0, 1.0)
+        ranges.whole_number("concept_known_words", self.concept_known_words, 0, MAX_VOCABULARY)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "CaptionerConfig":
+    def from_dict(cls, values: dict[str, Any]) -> CaptionerConfig:
         for name in ("encoder", "decoder", "preprocessing", "ensemble"):
             if values.get(name) is not None and not isinstance(values[name], dict):
                 raise ConfigError(f"invalid model config: '{name}' must be an object, not {type(values[name]).__name__}")
@@ -100,9 +137,7 @@ class CaptionerConfig:
                 preprocessing=Preprocessing.from_dict(preprocessing) if preprocessing else None,
                 max_length=values.get("max_length", 30),
                 ensemble=EnsembleConfig.from_dict(values["ensemble"]) if values.get("ensemble") is not None else None,
-                length_penalty=values.get("length_penalty", 0.0),
-                no_repeat_ngram_size=values.get("no_repeat_ngram_size", 0),
-                early_stopping=values.get("early_stopping", "exact"),
+                **{name: values.get(name, NEUTRAL_DEFAULTS[name]) for name in DECODING_DEFAULTS},
             )
         except (ConfigError, TypeError, ValueError) as error:
             raise ConfigError(f"invalid model config: {error}") from None
@@ -125,7 +160,7 @@ def build_decoder(config: DecoderConfig, vocab_size: int, feature_dim: int) -> D
     return decoder
 
 
-def build_decoders(config: "CaptionerConfig", vocab_size: int, feature_dim: int) -> Decoder:
+def build_decoders(config: CaptionerConfig, vocab_size: int, feature_dim: int) -> Decoder:
     """The decoder a model's config describes: one, or an ensemble of several over views of the image."""
     if config.ensemble is None:
         return build_decoder(config.decoder, vocab_size, feature_dim)
@@ -174,7 +209,7 @@ class Captioner(nn.Module):
             return torch.cat([self.encoder(images.flip(-1) if view == "flip" else images) for view in self.views], dim=1)
 
     @classmethod
-    def ensemble(cls, models: "list[Captioner]", *, views: tuple[str, ...] = ("plain",)) -> "Captioner":
+    def ensemble(cls, models: list[Captioner], *, views: tuple[str, ...] = ("plain",)) -> Captioner:
         """One model that averages the word distributions of ``models`` over ``views`` of each image.
 
         The models must share the vocabulary and the encoder (the same backbone, preprocessing and
@@ -209,50 +244,58 @@ class Captioner(nn.Module):
         return self.decoder(self.encode(images), captions, lengths)
 
     # ----- captioning images -------------------------------------------------------------------
-    def settings_for(self, config: "GenerationConfig") -> "GenerationConfig":
+    def settings_for(self, config: GenerationConfig) -> GenerationConfig:
         """``config`` with this model's own ``max_length``, ``length_penalty`` and
         ``no_repeat_ngram_size`` wherever it leaves them None (the shipped model's were chosen on the dev split)."""
         return config.with_defaults(max_length=self.config.max_length, **self.config.decoding_defaults())
 
-    def generate(self, images_or_features: torch.Tensor, config: "GenerationConfig | None" = None, **overrides: Any) -> "list[list[Caption]]":
+    def features(self, images_or_features: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> encoder features (B, V*P, D) (in eval mode, no gradients); features as they are."""
+        x = images_or_features.to(self.device)
+        if x.dim() not in (3, 4):
+            raise ConfigError(f"expected images (B, 3, H, W) or features (B, P, D), got shape {tuple(x.shape)}")
+        if x.dim() == 3:
+            return x
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                return self.encode(x)  # (B, V*P, D)
+        finally:
+            self.train(was_training)
+
+    def generate(
+        self, images_or_features: torch.Tensor, config: GenerationConfig | None = None, *, constraints: list[list[list[int]]] | None = None, **overrides: Any
+    ) -> list[list[Caption]]:
         """Images (B, 3, H, W) or encoder features (B, P, D) -> B lists of captions, best first.
 
         Decodes with :func:`captioner.decoding.generate` (every strategy), this model's own decoding
         settings filling what ``config`` leaves None; ``config`` fields can be overridden by keyword,
-        e.g. ``model.generate(x, strategy="greedy")``. For a model that reads V views of each image (an
-        ensemble with a flipped view) features are its encoder's (B, V * P, D); attention maps are
-        over one view's P regions. The model is run in eval mode and left in the mode it was in.
+        e.g. ``model.generate(x, strategy="greedy")``; ``constraints`` are word ids, per image (see
+        :meth:`caption_batch` for words and visual concepts). For a model that reads V views of each
+        image (an ensemble with a flipped view) features are its encoder's (B, V * P, D); attention
+        maps are over one view's P regions. The model is run in eval mode and left in the mode it was in.
         """
         from captioner.decoding import GenerationConfig, generate
 
         config = config or GenerationConfig()
         config = self.settings_for(dataclasses.replace(config, **overrides) if overrides else config)
-        x = images_or_features.to(self.device)
-        if x.dim() not in (3, 4):
-            raise ConfigError(f"expected images (B, 3, H, W) or features (B, P, D), got shape {tuple(x.shape)}")
-        if x.dim() == 4:
-            was_training = self.training
-            self.eval()
-            try:
-                with torch.inference_mode():
-                    x = self.encode(x)  # (B, V*P, D)
-            finally:
-                self.train(was_training)
-        return generate(self.decoder, x, self.vocab, config)
+        return generate(self.decoder, self.features(images_or_features), self.vocab, config, constraints)
 
     def caption(
         self,
         images: Any,
         *,
-        beam_size: int = 5,
+        beam_size: int = DEFAULT_BEAM_SIZE,
         n_best: int = 1,
         batch_size: int = 16,
         **settings: Any,
-    ) -> "CaptionResult | list[CaptionResult]":
+    ) -> CaptionResult | list[CaptionResult]:
         """Caption one image or a list of them.
 
         ``images``: a path, a ``PIL.Image``, a numpy array (H, W[, C]), raw bytes, or a list of these.
-        Returns one :class:`CaptionResult` for one image, a list for a list. ``beam_size=1`` is greedy;
+        Returns one :class:`CaptionResult` for one image, a list for a list. ``beam_size=1`` is greedy
+        (the default, 3, is every front end's: see :data:`captioner.decoding.generate.DEFAULT_BEAM_SIZE`);
         ``max_length``, ``length_penalty`` (GNMT alpha) and ``no_repeat_ngram_size`` default to the
         model's own (``model.config.decoding_defaults()``: chosen on the dev split for the shipped
         model, off for a model trained here); other :class:`~captioner.decoding.GenerationConfig`
@@ -281,28 +324,118 @@ class Captioner(nn.Module):
             results.extend(self.caption_batch(pixels, config, sources))
         return results[0] if single else results
 
-    def caption_batch(self, inputs: torch.Tensor, config: "GenerationConfig", sources: "list[str] | None" = None) -> list[CaptionResult]:
+    def caption_batch(self, inputs: torch.Tensor, config: GenerationConfig, sources: list[str] | None = None) -> list[CaptionResult]:
         """The one way from model inputs to results: preprocessed images (B, 3, S, S) or encoder
         features (B, P, D) -> one :class:`CaptionResult` per image, its ``n_best`` list holding every
         caption ``config`` asks for (best first); ``sources`` name the images. The Python API, the
-        command line, the web server and evaluation all caption through here."""
+        command line, the web server and evaluation all caption through here.
+
+        Each result carries the image's visual concepts (``tags``, from the encoder's ImageNet
+        classifier) when the encoder has one. The caption must name one word of each of
+        ``config.constraints`` and, up to ``config.concept_constraints`` in all, of the image's
+        concepts at least ``config.concept_threshold`` likely: constrained beam search (a beam of 1
+        is then a beam search of 1). Words the model does not know are added to its vocabulary first
+        (:meth:`extend_vocabulary`); they are written only where a constraint asks for them. With
+        concept constraints on, ``config.concept_exclusion`` also bans the words of every animal the
+        concepts give less than that (a Flickr8k model sees dogs everywhere); a concept among the
+        model's ``config.concept_known_words`` most frequent words is left to the model.
+        """
+        from captioner.decoding import generate
+
         sources = sources if sources is not None else [""] * inputs.shape[0]
         if len(sources) != inputs.shape[0]:
             raise ConfigError(f"{len(sources)} sources for {inputs.shape[0]} images")
+        config = self.settings_for(config)
+        features = self.features(inputs)
+        probabilities = self.concept_probabilities(features)  # (B, concepts) or None
+        concepts = concept_vocabulary().top(probabilities) if probabilities is not None else None
+        required = self._required_words(config, concepts, features.shape[0])
+        if any(required):
+            self.extend_vocabulary({word for image in required for words in image for word in words})
+            if config.strategy == "greedy":
+                config = dataclasses.replace(config, strategy="beam")
+        ids = [[[self.vocab.index[word] for word in words] for words in image] for image in required]
+        banned = None
+        if probabilities is not None and config.concept_constraints and config.concept_exclusion:  # --concepts 0: no steering at all
+            unlikely = concept_vocabulary().unlikely_animals(probabilities, config.concept_exclusion)
+            banned = [
+                {self.vocab.index[word] for concept in image for word in concept.alternatives if word in self.vocab} - {i for words in wanted for i in words}
+                for image, wanted in zip(unlikely, ids)
+            ]  # what a constraint asks for is never banned
         results = []
-        for source, captions in zip(sources, self.generate(inputs, config)):
-            found = [self._result(caption, source) for caption in captions]
+        for image, (source, captions) in enumerate(zip(sources, generate(self.decoder, features, self.vocab, config, ids, banned))):
+            tags = [(concept.word, probability) for concept, probability in concepts[image]] if concepts is not None else []
+            found = [self._result(caption, source, tags, required[image]) for caption in captions]
             results.append(dataclasses.replace(found[0], n_best=found))
         return results
 
-    def _result(self, caption: "Caption", source: str) -> CaptionResult:
+    def concept_probabilities(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(B, concepts): how likely each visual concept is in each image (from the encoder's ImageNet
+        classifier); None for an encoder without one."""
+        if not self.encoder.has_classifier:
+            return None
+        with torch.inference_mode():
+            return concept_vocabulary().probabilities(self.encoder.classify(features.to(self.device)))
+
+    def _required_words(self, config: GenerationConfig, concepts: list[list[tuple[Concept, float]]] | None, batch: int) -> list[list[list[str]]]:
+        """Per image, the word lists its caption must name one word of: ``config.constraints``, then
+        its concepts (likeliest first) at least ``concept_threshold`` likely, while there is room
+        (``concept_constraints``; sampling takes none). A concept the model cannot write is left out,
+        and so is one it already says often: a word among its ``concept_known_words`` most frequent
+        training words (a vocabulary lists words by frequency), which it places better unforced. Of a
+        concept's words, those the model learnt are required when it has any, else words it lacks."""
+        from captioner.models.word_vectors import word_vectors
+
+        given = [list(words) for words in config.constraints]
+        room = min(MAX_CONSTRAINTS, len(given) + config.concept_constraints)
+        per_image = []
+        for image in range(batch):
+            required = [list(words) for words in given]
+            for concept, probability in concepts[image] if concepts is not None and config.strategy != "sample" else []:
+                if len(required) >= room or probability < config.concept_threshold:
+                    break
+                if any(self.vocab.index.get(word, MAX_VOCABULARY) < len(SPECIAL_TOKENS) + config.concept_known_words for word in concept.alternatives):
+                    continue
+                # the words it learnt, when it has any (a copied embedding is a guess); else new ones
+                words = [word for word in concept.alternatives if word in self.vocab] or [word for word in concept.alternatives if word in word_vectors()]
+                if words and not any(set(words) & set(other) for other in required):
+                    required.append(words)
+            per_image.append(required)
+        return per_image
+
+    def extend_vocabulary(self, words: Iterable[str]) -> None:
+        """Add the ``words`` the model does not know, each starting as a copy of the known noun nearest
+        to it in the shipped word vectors (Hendricks et al. 2016's direct transfer: "zebra" writes as
+        "horse" does). Decoding writes them only where a constraint names them, so captions without
+        constraints stay what they were."""
+        from captioner.models.concepts import noun_words
+        from captioner.models.word_vectors import word_vectors
+
+        new = [word for word in dict.fromkeys(words) if word not in self.vocab]
+        if not new:
+            return
+        known = self.vocab.words[: self.vocab.extension_start] if self.vocab.extension_start is not None else self.vocab.words
+        nouns = [word for word in known if word in noun_words()]
+        analogs = []
+        for word in new:
+            analog = word_vectors().nearest(word, nouns)
+            if analog is None:
+                raise ConfigError(f"cannot add {word!r} to the model's vocabulary: the shipped word vectors (the 40,000 most common English words) do not have it")
+            analogs.append(self.vocab.index[analog])
+        self.decoder.extend_vocabulary(analogs)
+        self.vocab = self.vocab.extended(new)
+
+    def _result(self, caption: Caption, source: str, tags: list[tuple[str, float]], constraints: list[list[str]]) -> CaptionResult:
         attention = None
         if caption.attention is not None and caption.attention.numel():
             regions = caption.attention.shape[1]
             side = int(round(regions**0.5))
             grid = (side, regions // side) if side * (regions // side) == regions else (1, regions)
             attention = caption.attention.reshape(len(caption.tokens), *grid).numpy()  # (T, h, w)
-        return CaptionResult(caption.text, caption.words, caption.score, caption.log_prob, attention, source=source)
+        return CaptionResult(
+            caption.text, caption.words, caption.score, caption.log_prob, attention,
+            source=source, tags=tags, constraints=constraints, constraints_met=caption.constraints_met,
+        )  # fmt: skip
 
     # ----- checkpoints -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, precision: str = "float32", extra_files: dict[str, bytes] | None = None) -> Path:
@@ -310,6 +443,8 @@ class Captioner(nn.Module):
         (half the size) or ``int8`` (matrices with a scale per row, a quarter of the size)."""
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if self.vocab.extension_start is not None:
+            raise ConfigError("this model's vocabulary was extended for constraints; save it before captioning with words it did not know (or load it again)")
         tensors = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
         if self.encoder_in_checkpoint:
             tensors.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
@@ -331,7 +466,7 @@ class Captioner(nn.Module):
         return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
 
     @classmethod
-    def load(cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> "Captioner":
+    def load(cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> Captioner:
         """Load a checkpoint folder (or ``"default"``, the model shipped with the package) onto ``device``.
 
         Nothing is unpickled: weights come from safetensors, the config and vocabulary from JSON,

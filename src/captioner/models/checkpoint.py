@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from captioner.atomic import atomic_directory, recover_directory
 from captioner.data.vocabulary import Vocabulary
 from captioner.errors import CaptionerError, CheckpointError
+from captioner.limits import MAX_VOCABULARY
 
 PLAIN_FORMAT = 1  # one decoder, floating-point weights
 EXTENDED_FORMAT = 2  # adds ensembles ("ensemble": several decoders and/or views) and int8 weights
@@ -61,7 +62,7 @@ def save_checkpoint(
 MAX_CONFIG_BYTES = 1_000_000
 MAX_VOCAB_BYTES = 64_000_000
 MAX_HEADER_BYTES = 16_000_000
-MAX_VOCAB_SIZE = 1_000_000
+MAX_VOCAB_SIZE = MAX_VOCABULARY
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 

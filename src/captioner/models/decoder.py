@@ -52,7 +52,7 @@ class DecoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DecoderConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DecoderConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -95,6 +95,19 @@ class Decoder(nn.Module):
         step before instead of the reference word.
         """
         raise NotImplementedError
+
+    def extend_vocabulary(self, analogs: list[int]) -> None:
+        """Grow the vocabulary by one word per entry: its embedding and its output row (weights and
+        bias) copies of that known word's."""
+        index = torch.tensor(analogs, dtype=torch.long, device=self.embedding.weight.device)
+        with torch.no_grad():
+            embedding = torch.cat([self.embedding.weight, self.embedding.weight[index]])  # (V + n, E)
+            self.embedding = nn.Embedding(embedding.shape[0], embedding.shape[1], padding_idx=0, _weight=embedding)
+            old = self.classifier
+            self.classifier = nn.Linear(old.in_features, old.out_features + len(analogs)).to(old.weight.device)
+            self.classifier.weight.copy_(torch.cat([old.weight, old.weight[index]]))
+            self.classifier.bias.copy_(torch.cat([old.bias, old.bias[index]]))
+        self.vocab_size += len(analogs)
 
     @staticmethod
     def scheduled_inputs(tokens: torch.Tensor, previous_logits: torch.Tensor, probability: float) -> torch.Tensor:

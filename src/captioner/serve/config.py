@@ -16,6 +16,7 @@ from typing import Any
 from captioner import ranges
 from captioner.data.images import MAX_IMAGE_PIXELS
 from captioner.decoding import GenerationConfig
+from captioner.limits import DEFAULT_BEAM_SIZE
 
 #: Largest beam a request may ask for: a request's cost grows with it, and wider beams rarely help.
 #: (Decoding itself allows wider beams, up to ``captioner.decoding.MAX_BEAM_SIZE``; a server bounds
@@ -54,7 +55,7 @@ class DecodeSettings:
 class ServeConfig:
     """Server-wide settings, each checked here (a :class:`~captioner.ranges.SettingError` names the field)."""
 
-    beam_size: int = 5  # default beam for requests that do not ask
+    beam_size: int = DEFAULT_BEAM_SIZE  # default beam for requests that do not ask
     n_best: int = 3  # default length of the n-best list
     max_batch: int = 16  # most images run through the model together
     batch_wait_ms: float = 20.0  # how long the first request of a batch waits for others

@@ -18,6 +18,7 @@ from typing import Any
 from captioner import ranges
 from captioner.data.images import MAX_INPUT_SIZE
 from captioner.errors import ConfigError
+from captioner.limits import MAX_BEAM_SIZE, MAX_LENGTH
 from captioner.models.decoder import DecoderConfig
 from captioner.models.encoder import EncoderConfig
 
@@ -75,6 +76,9 @@ class TrainConfig:
     image_size: int | None = None  # encoder input side; None: the backbone's native size
     resize: str = "squash"  # "squash" (whole image, aspect ignored) or "crop" (short side + centre crop)
     max_length: int = 30  # longest caption generated (validation and the saved model's default)
+    block_bad_endings: bool = True  # no caption ends on what the training captions never end on ("a", "in a blue"): in validation,
+    #                                 self-critical sampling, and as the saved model's own decoding setting
+    block_doubled_words: bool = True  # no word twice in a row ("are are"), likewise
     word_vectors: str | None = None  # GloVe-format text file for the embedding (embed_dim must match)
     # ----- optimisation
     epochs: int = 20
@@ -128,8 +132,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Every setting in its range (a :class:`~captioner.ranges.SettingError` names the first that is not),
         and the combinations that cannot work refused."""
-        from captioner.decoding.generate import MAX_BEAM_SIZE, MAX_LENGTH
-
         whole, number = ranges.whole_number, ranges.number
         for name, low, high in WHOLE_NUMBER_RANGES + (("val_beam_size", 1, MAX_BEAM_SIZE), ("max_length", 1, MAX_LENGTH), ("self_critical_max_length", 1, MAX_LENGTH)):
             whole(name, getattr(self, name), low, high)
@@ -160,7 +162,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
         return _build(cls, values, source)
 
     def save(self, path: Path) -> None:

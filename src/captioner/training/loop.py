@@ -18,9 +18,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
 from captioner.training.distributed import Distributed, cleanup, setup, wrap_for_ddp
 from captioner.training.optimization import Optimization
-from captioner.training.self_critical import CaptionRewards, self_critical_loss
+from captioner.training.self_critical import CaptionRewards, SentenceRules, self_critical_loss
 from captioner.training.state import STATE_JSON, TRAIN_CONFIG, Checkpoints, RunState, set_rng_state
 
 VALIDATION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
@@ -98,6 +99,7 @@ class TrainingStep(nn.Module):
                 self.model.vocab,
                 samples=self.config.self_critical_samples,
                 max_length=self.config.self_critical_max_length,
+                rules=SentenceRules(self.model.vocab, bad_endings=self.config.block_bad_endings, doubled_words=self.config.block_doubled_words),
             )
             return {"loss": loss, "reward": reward.detach()}
         logits, alphas = decoder(features, captions, lengths, sampling_probability)  # (B, T-1, V), (B, T-1, P)
@@ -247,7 +249,14 @@ def validate(run: Run, model: Captioner, plain_step: TrainingStep, data: Trainin
 
 
 def build_model(config: TrainConfig, dataset: PreparedDataset, *, word_vectors: bool = True) -> Captioner:
-    model_config = CaptionerConfig(encoder=config.encoder, decoder=config.decoder, preprocessing=None, max_length=config.max_length)
+    model_config = CaptionerConfig(
+        encoder=config.encoder,
+        decoder=config.decoder,
+        preprocessing=None,
+        max_length=config.max_length,
+        block_bad_endings=config.block_bad_endings,
+        block_doubled_words=config.block_doubled_words,
+    )
     model = Captioner(model_config, dataset.vocab)
     if config.image_size is not None or config.resize != model.preprocessing.resize:
         from captioner.data.images import Preprocessing

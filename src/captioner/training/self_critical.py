@@ -14,12 +14,14 @@ tokenised by our vocabulary, so rewards are computed on word ids in a few millis
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from captioner.data.vocabulary import Vocabulary
+from captioner.decoding.generate import ends_badly
 from captioner.metrics.cider import CiderD
 from captioner.models.decoder import Decoder, repeat_state, select_state
 
@@ -37,7 +39,7 @@ class CaptionRewards:
         self._vectors = [self.scorer.reference_vectors(refs) for refs in references]
 
     @classmethod
-    def from_encoded(cls, tokens: np.ndarray, lengths: np.ndarray, image_positions: np.ndarray, images: int, vocab: Vocabulary) -> "CaptionRewards":
+    def from_encoded(cls, tokens: np.ndarray, lengths: np.ndarray, image_positions: np.ndarray, images: int, vocab: Vocabulary) -> CaptionRewards:
         """From a prepared split's encoded captions: tokens (N, L) <start> w.. <end>, lengths, image positions."""
         references: list[list[list[int]]] = [[] for _ in range(images)]
         for row, length, position in zip(tokens, lengths.tolist(), image_positions.tolist()):
@@ -45,7 +47,7 @@ class CaptionRewards:
         return cls(references)
 
     @classmethod
-    def for_split(cls, dataset: "PreparedDataset", split: str) -> "CaptionRewards":
+    def for_split(cls, dataset: PreparedDataset, split: str) -> CaptionRewards:
         """Rewards against the references of a prepared split, its images in split order (as its feature cache)."""
         captions = dataset.captions(split)
         positions = {index: position for position, index in enumerate(dataset.split_images(split))}
@@ -58,17 +60,44 @@ class CaptionRewards:
         return torch.tensor(rewards, dtype=torch.float32)
 
 
+class SentenceRules:
+    """What self-critical sampling may not write, as decoding may not (``block_bad_endings``,
+    ``block_doubled_words``): otherwise the policy learns the endings that decoding refuses."""
+
+    def __init__(self, vocab: Vocabulary, *, bad_endings: bool, doubled_words: bool) -> None:
+        self.vocab, self.bad_endings, self.doubled_words = vocab, bad_endings and bool(vocab.bad_endings), doubled_words
+
+    def __bool__(self) -> bool:
+        return self.bad_endings or self.doubled_words
+
+    def apply(self, logits: torch.Tensor, histories: list[list[int]], previous: torch.Tensor) -> torch.Tensor:
+        """logits (rows, V) with -inf (in place) where the rules forbid the next word; ``previous`` (rows,) the word before."""
+        if self.bad_endings:
+            logits[ends_badly(self.vocab, [words[-4:] for words in histories]), self.vocab.end_id] = -torch.inf
+        if self.doubled_words:
+            logits.scatter_(1, previous.unsqueeze(1), -torch.inf)
+        return logits
+
+
 class NonFiniteLogits(Exception):
     """The decoder produced NaN or infinite scores while sampling."""
 
 
 def sample_with_log_probs(
-    decoder: Decoder, features: torch.Tensor, samples: int, max_length: int, start_id: int, end_id: int, blocked: Sequence[int]
+    decoder: Decoder,
+    features: torch.Tensor,
+    samples: int,
+    max_length: int,
+    start_id: int,
+    end_id: int,
+    blocked: Sequence[int],
+    rules: SentenceRules | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """Sample ``samples`` captions per image, keeping the graph of their log-probabilities.
 
-    The ``blocked`` words are never sampled, and log-probabilities are those of the distribution
-    renormalised without them (the policy that is actually sampled from).
+    The ``blocked`` words are never sampled, nor what ``rules`` forbid (<end> after a bad ending, a
+    word twice in a row), and log-probabilities are those of the distribution renormalised without
+    them (the policy that is actually sampled from).
     features (B, P, D) -> (captions as word-id lists without <end>, log-probabilities (B*k, T) of every
     sampled token <end> included, mask (B*k, T) of the real ones). Rows stop being computed once they
     have sampled <end>; captions that never do stop at ``max_length`` words.
@@ -87,7 +116,10 @@ def sample_with_log_probs(
             raise NonFiniteLogits  # nothing to sample from; the training loop applies its nan_policy
         # The policy is the model's distribution over the words that may be written (<pad>, <start> and
         # <unk> never are): its log-probabilities, renormalised without them, are what REINFORCE needs.
-        log_probs = torch.log_softmax(logits.float().index_fill(1, blocked_ids, -torch.inf), dim=-1)  # (alive, V)
+        masked = logits.float().index_fill(1, blocked_ids, -torch.inf)  # (alive, V)
+        if rules and t > 0:
+            masked = rules.apply(masked, [words[row] for row in alive.tolist()], tokens)
+        log_probs = torch.log_softmax(masked, dim=-1)  # (alive, V)
         if t == max_length:
             chosen = torch.full_like(tokens, end_id)  # out of room: the caption ends here (not scored)
         else:
@@ -118,13 +150,14 @@ def self_critical_loss(
     *,
     samples: int,
     max_length: int,
+    rules: SentenceRules | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, mean reward) for a batch of images (features (B, P, D), their split positions)."""
     if samples < 2:
         raise ValueError("self-critical training needs at least 2 samples per image (the baseline is the others' mean)")
     blocked = [vocab.pad_id, vocab.start_id, vocab.unk_id]
     try:
-        captions, log_probs, mask = sample_with_log_probs(decoder, features, samples, max_length, vocab.start_id, vocab.end_id, blocked)
+        captions, log_probs, mask = sample_with_log_probs(decoder, features, samples, max_length, vocab.start_id, vocab.end_id, blocked, rules)
     except NonFiniteLogits:
         nan = features.new_full((), float("nan"))
         return nan, nan

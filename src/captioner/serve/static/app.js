@@ -27,6 +27,8 @@
     caption: $("caption"),
     captionHint: $("caption-hint"),
     nBestList: $("n-best-list"),
+    tags: $("tags"),
+    tagsHeading: $("tags-heading"),
     timing: $("timing"),
   };
 
@@ -226,6 +228,7 @@
     delete els.caption.dataset.activeIndex;
     els.captionHint.textContent = "";
     els.nBestList.replaceChildren();
+    els.tags.replaceChildren();
     els.timing.textContent = "";
     hideOverlay();
   }
@@ -275,6 +278,17 @@
         return item;
       }),
     );
+    // Visual concepts from the encoder's ImageNet classifier, likeliest first (none for other encoders).
+    const tags = result.tags || [];
+    els.tags.replaceChildren(
+      ...tags.map((tag) => {
+        const item = document.createElement("li");
+        item.textContent = `${tag.word} ${Math.round(tag.probability * 100)}%`;
+        item.dataset.probability = String(tag.probability);
+        return item;
+      }),
+    );
+    els.tags.hidden = els.tagsHeading.hidden = tags.length === 0;
     const timing = result.timing_ms || {};
     const batch = result.batch_size > 1 ? `, batched with ${result.batch_size - 1} other${result.batch_size > 2 ? "s" : ""}` : "";
     els.timing.textContent =

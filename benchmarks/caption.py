@@ -1,0 +1,70 @@
+"""Warm one-photo captioning with the shipped model: its own settings (visual concepts on) vs the
+same model with ``concept_constraints=0`` (the baseline), interleaved in one process.
+
+    python benchmarks/caption.py [--rounds 7] [--coco ../shared/data/coco_dev/images] [--out benchmarks/results/caption.json]
+
+Each round captions every photo once per side, one photo per call (``model.caption(path)``: file
+decoding, preprocessing, both views through the encoder, ImageNet concepts, constrained beam search
+of 3): what a user waits for after the model is loaded. Photos: the three in ``examples/`` and the
+first 9 of coco_dev when it is there (everyday scenes, where concepts fire). Sides alternate within
+every round, so a noisy machine slows both; medians over rounds are reported, per photo and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from captioner.models.captioner import Captioner
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = {"shipped (concepts on)": {}, "baseline (concepts off)": {"concept_constraints": 0}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--coco", type=Path, default=ROOT.parent / "shared" / "data" / "coco_dev" / "images")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "caption.json")
+    args = parser.parse_args()
+
+    photos = sorted((ROOT / "examples").glob("*.jpg")) + (sorted(args.coco.glob("*.jpg"))[:9] if args.coco.is_dir() else [])
+    model = Captioner.load("default")
+    for settings in SIDES.values():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
+        model.caption(photos[0], **settings)
+    seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in SIDES}
+    captions: dict[str, list[str]] = {side: [""] * len(photos) for side in SIDES}
+    for _ in range(args.rounds):
+        for index, photo in enumerate(photos):
+            for side, settings in SIDES.items():
+                start = time.perf_counter()
+                result = model.caption(photo, **settings)
+                seconds[side][index].append(time.perf_counter() - start)
+                captions[side][index] = result.text
+    per_photo = {side: [statistics.median(times) for times in seconds[side]] for side in SIDES}
+    overall = {side: statistics.median(values) for side, values in per_photo.items()}
+    report = {
+        "what": "warm model.caption(path) of one photo, shipped default model, beam 3; median over rounds per photo, then over photos",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "rounds": args.rounds,
+        "photos": [str(photo.relative_to(ROOT) if photo.is_relative_to(ROOT) else photo.name) for photo in photos],
+        "median_ms": {side: round(value * 1000, 1) for side, value in overall.items()},
+        "slowest_photo_ms": {side: round(max(values) * 1000, 1) for side, values in per_photo.items()},
+        "ratio_shipped_to_baseline": round(overall["shipped (concepts on)"] / overall["baseline (concepts off)"], 2),
+        "per_photo_ms": {side: [round(value * 1000, 1) for value in values] for side, values in per_photo.items()},
+        "captions": captions,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({key: report[key] for key in ("median_ms", "slowest_photo_ms", "ratio_shipped_to_baseline")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
