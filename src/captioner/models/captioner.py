@@ -397,7 +397,8 @@ class Captioner(nn.Module):
                 if any(self.vocab.index.get(word, MAX_VOCABULARY) < len(SPECIAL_TOKENS) + config.concept_known_words for word in concept.alternatives):
                     continue
                 # the words it learnt, when it has any (a copied embedding is a guess); else new ones
-                words = [word for word in concept.alternatives if word in self.vocab] or [word for word in concept.alternatives if word in word_vectors()]
+                learnt = [word for word in concept.alternatives if self.vocab.index.get(word, MAX_VOCABULARY) < (self.vocab.extension_start or len(self.vocab))]
+                words = learnt or [word for word in concept.alternatives if word in self.vocab or word in word_vectors()]
                 if words and not any(set(words) & set(other) for other in required):
                     required.append(words)
             per_image.append(required)
