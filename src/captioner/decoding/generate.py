@@ -101,7 +101,8 @@ class GenerationConfig:
         ranges.optional_whole_number("seed", self.seed, 0, 2**63 - 1)
         object.__setattr__(self, "constraints", _checked_constraints(self.constraints))
         ranges.optional_whole_number("concept_constraints", self.concept_constraints, 0, MAX_CONSTRAINTS)
-        ranges.optional_number("concept_threshold", self.concept_threshold, 1e-6, 1.0)
+        if self.concept_threshold is not None:  # the same range as a model's own (CaptionerConfig)
+            ranges.number("concept_threshold", self.concept_threshold, 0.0, 1.0, low_open=True)
         ranges.optional_number("concept_exclusion", self.concept_exclusion, 0.0, 1.0)
         ranges.optional_whole_number("concept_known_words", self.concept_known_words, 0, MAX_VOCABULARY)
         for name in ("allow_unk", "return_attention", "block_bad_endings", "block_doubled_words"):
