@@ -126,7 +126,7 @@ def test_the_page_shows_the_colour_word_looking_at_its_shape(trained_shapes, tmp
         page = browser.new_page()
         page.goto(server.url)
         page.wait_for_selector("body[data-ready]")
-        for item in singles[:8]:
+        for item in singles:  # all of them (about 30): 8 gave 5 or 6 hits by luck, with 91% of all 32 hitting
             shape = item["shapes"][0]
             page.evaluate("window.captionerResult = null")
             page.set_input_files("#file-input", str(item["path"]))
@@ -146,7 +146,7 @@ def test_the_page_shows_the_colour_word_looking_at_its_shape(trained_shapes, tmp
             hits += left - cell <= peak_x <= right + cell and top - cell <= peak_y <= bottom + cell
             page.hover("h1")
         browser.close()
-    assert tried >= 5 and hits >= 0.75 * tried, (hits, tried)
+    assert tried >= 20 and hits >= 0.75 * tried, (hits, tried)
 
 
 def answer_grid(page, index: int) -> list:
