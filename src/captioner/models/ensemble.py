@@ -14,6 +14,7 @@ decoder; their sizes may differ.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,13 @@ def mirror(attention: torch.Tensor) -> torch.Tensor:
 
 
 class EnsembleDecoder(Decoder):
-    """Every decoder on every view; the members' distributions averaged at each step."""
+    """Every decoder on every view; the members' distributions averaged at each step.
+
+    Each decoder runs once per step for all views: its state holds the views side by side, (B, V, ...)
+    (one row per image, so beam search moves them together), flattened to (B * V, ...) for the step.
+    One call over twice the rows reads the decoder's weights once, where one call per view read them
+    twice: at batch 1, reading weights is most of a step's time.
+    """
 
     def __init__(self, decoders: Sequence[Decoder], views: Sequence[str]) -> None:
         super().__init__()
@@ -79,8 +86,7 @@ class EnsembleDecoder(Decoder):
         self.views = tuple(views)
         self.config, self.vocab_size, self.feature_dim = first.config, first.vocab_size, first.feature_dim
         self.has_attention = all(decoder.has_attention for decoder in decoders)
-        self.pairs = [(d, v) for d in range(len(decoders)) for v in range(len(self.views))]  # (decoder, view)
-        self.image_constant_keys = tuple(f"{d}.{v}.{key}" for d, v in self.pairs for key in decoders[d].image_constant_keys)
+        self.image_constant_keys = tuple(f"{d}.{key}" for d, decoder in enumerate(decoders) for key in decoder.image_constant_keys)
 
     def extend_vocabulary(self, analogs: list[int]) -> None:
         for member in self.members:
@@ -89,38 +95,50 @@ class EnsembleDecoder(Decoder):
 
     def _view(self, features: torch.Tensor, view: int) -> torch.Tensor:
         """The regions of one view: features (B, V*P, D) -> (B, P, D)."""
+        return self._by_view(features)[:, view]
+
+    def _by_view(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, V*P, D) -> (B, V, P, D)."""
         if features.shape[1] % len(self.views):
             raise ConfigError(f"an ensemble of {len(self.views)} views needs features with a multiple of {len(self.views)} regions, not {features.shape[1]}")
-        regions = features.shape[1] // len(self.views)
-        return features[:, view * regions : (view + 1) * regions]
+        return features.reshape(features.shape[0], len(self.views), features.shape[1] // len(self.views), *features.shape[2:])
 
     def _as_seen(self, attention: torch.Tensor, view: int) -> torch.Tensor:
         return mirror(attention) if self.views[view] == "flip" else attention
 
+    def _seen_mean(self, attention: torch.Tensor) -> torch.Tensor:
+        """Attention (..., V, P) per view -> (..., P): flipped views mirrored back, then averaged."""
+        return torch.stack([self._as_seen(attention[..., v, :], v) for v in range(len(self.views))]).mean(dim=0)
+
     def init_state(self, features: torch.Tensor) -> DecoderState:
+        batch, views = features.shape[0], len(self.views)
+        by_view = self._by_view(features).flatten(0, 1)  # (B * V, P, D), the views of an image side by side
         state: DecoderState = {}
-        for d, v in self.pairs:
-            state.update({f"{d}.{v}.{key}": value for key, value in self.members[d].init_state(self._view(features, v)).items()})
+        for d, member in enumerate(self.members):
+            state.update({f"{d}.{key}": value.reshape(batch, views, *value.shape[1:]) for key, value in member.init_state(by_view).items()})
         return state
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+        batch, views = tokens.shape[0], len(self.views)
         log_probs, attentions, next_state = [], [], {}
-        for d, v in self.pairs:
-            prefix = f"{d}.{v}."
-            own = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-            logits, own, alpha = self.members[d].step(tokens, own)
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1))  # (B, V)
+        every_view = tokens.repeat_interleave(views)  # (B * V,)
+        for d, member in enumerate(self.members):
+            prefix = f"{d}."
+            own = {key[len(prefix) :]: value.flatten(0, 1) for key, value in state.items() if key.startswith(prefix)}
+            logits, own, alpha = member.step(every_view, own)
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1).view(batch, views, -1))  # (B, V, vocab)
             if alpha is not None:
-                attentions.append(self._as_seen(alpha, v))  # (B, P)
-            next_state.update({prefix + key: value for key, value in own.items()})
-        mean = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))  # (B, V) log of the mean probability
+                attentions.append(self._seen_mean(alpha.view(batch, views, -1)))  # (B, P)
+            next_state.update({prefix + key: value.reshape(batch, views, *value.shape[1:]) for key, value in own.items()})
+        members = torch.cat(log_probs, dim=1)  # (B, M * V, vocab)
+        mean = torch.logsumexp(members, dim=1) - math.log(members.shape[1])  # (B, vocab) log of the mean probability
         return mean, next_state, torch.stack(attentions).mean(dim=0) if self.has_attention else None
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_probs, attentions = [], []
-        for d, v in self.pairs:
+        for d, v in itertools.product(range(len(self.members)), range(len(self.views))):
             logits, alphas = self.members[d](self._view(features, v), captions, lengths, sampling_probability)
             log_probs.append(torch.log_softmax(logits.float(), dim=-1))  # (B, T-1, V)
             if alphas is not None:
