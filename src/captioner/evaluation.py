@@ -96,7 +96,8 @@ def caption_checks(dataset: PreparedDataset, captions: dict[int, CaptionResult],
     references = {index: dataset.images[index]["captions"] for index in captions}
     checks: dict[str, float] = {**mention_scores(generated, references), **sentence_checks(generated)}
     keys = list(generated)
-    cider = np.array([cider_per_image(generated, references)[key] for key in keys])  # (N,)
+    per_image = cider_per_image(generated, references)  # once for the split: it tokenizes and scores every image
+    cider = np.array([per_image[key] for key in keys])  # (N,)
     counts = np.array([mention_counts(generated[key], references[key], exclude=frozenset({"person"})) for key in keys])  # (N, 3)
     draws = np.random.default_rng(0).integers(0, len(keys), size=(resamples, len(keys)))  # (R, N)
     cider_means = cider[draws].mean(axis=1)

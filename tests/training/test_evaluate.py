@@ -98,3 +98,30 @@ def test_view_features_put_each_views_regions_side_by_side_however_they_are_read
     assert np.array_equal(both[[2, 0]], expected[[2, 0]])
     assert np.array_equal(both[1], expected[1])  # one image: (8, 2), not its feature vectors joined
     assert np.array_equal(np.asarray(both), expected) and np.asarray(both, dtype=np.float32).dtype == np.float32
+
+
+def test_the_split_s_cider_d_interval_scores_the_split_once(monkeypatch):
+    """Per-image CIDEr-D for the bootstrap is one pass over the split (it once ran once per image:
+    hours on 1,000 images), and the interval brackets the corpus score."""
+    from types import SimpleNamespace
+
+    import captioner.metrics.coco as coco
+    from captioner.evaluation import caption_checks
+
+    calls = []
+
+    def counted(generated, references, **_):
+        calls.append(len(generated))
+        return real(generated, references, tokenize=False)  # no Java tokenizer needed for this
+
+    real = coco.cider_per_image
+    monkeypatch.setattr(coco, "cider_per_image", counted)
+    words = ["dog", "cat", "ball", "grass", "water", "snow", "man", "girl"]
+    references = {i: [f"a {w} on the {words[(i + 1) % 8]}", f"the {w} is here", f"one {w} near {words[(i + 2) % 8]}"] for i, w in enumerate(words)}
+    dataset = SimpleNamespace(images={i: {"captions": refs} for i, refs in references.items()})
+    captions = {i: SimpleNamespace(text=f"a {w} on the {words[(i + 1) % 8]}" if i % 2 else f"a {w}") for i, w in enumerate(words)}
+    checks = caption_checks(dataset, captions, resamples=200)
+    assert calls == [8]
+    per_image = real({i: c.text for i, c in captions.items()}, references, tokenize=False)
+    low, high = checks["CIDEr-D 95% interval"]
+    assert low <= sum(per_image.values()) / 8 <= high
