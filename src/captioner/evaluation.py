@@ -162,6 +162,7 @@ def evaluate_model(
     out: str | None = None,
     batch_size: int = 50,
     device: str = "auto",
+    decoder_compute: str = "auto",
     progress: bool = True,
 ) -> EvaluationReport:
     """Score ``model_path`` on ``split`` at each beam size in ``beams``; write results.json and captions.jsonl."""
@@ -174,15 +175,15 @@ def evaluate_model(
     folder = resolve_model_path(model_path)
     out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
     with exclusive_writer(out_dir):
-        return _evaluate(folder, model_path, out_dir, configs, data=data, images=images, split=split, limit=limit, meteor=meteor, batch_size=batch_size, device=device, progress=progress)
+        return _evaluate(folder, model_path, out_dir, configs, data=data, images=images, split=split, limit=limit, meteor=meteor, batch_size=batch_size, device=device, decoder_compute=decoder_compute, progress=progress)
 
 
 def _evaluate(
     folder: Path, model_path: str, out_dir: Path, configs: dict[int, GenerationConfig], *,
-    data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, progress: bool,
+    data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, decoder_compute: str, progress: bool,
 ) -> EvaluationReport:  # fmt: skip
     torch_device = resolve_device(device)
-    model = Captioner.load(folder, device=torch_device)
+    model = Captioner.load(folder, device=torch_device, decoder_compute=decoder_compute)
     data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")
@@ -213,6 +214,7 @@ def _evaluate(
         "split": split,
         "images": count,
         "metrics": "COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr-D), corpus-level, 0-100",
+        "decoder_compute": model.decoder_compute,
         "max_length": used.max_length,
         "length_penalty": used.length_penalty,
         "no_repeat_ngram_size": used.no_repeat_ngram_size,

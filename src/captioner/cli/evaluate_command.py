@@ -6,6 +6,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import add_decoder_compute_argument
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -37,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=50, help="images decoded together (default 50)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_decoder_compute_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             batch_size=args.batch_size,
             device=args.device,
+            decoder_compute=args.decoder_compute,
             progress=not args.quiet,
         )
     except SettingError as error:

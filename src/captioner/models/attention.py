@@ -13,6 +13,8 @@ class SoftAttention(nn.Module):
     per image and every step reuses it.
     """
 
+    step_matrices = ("hidden_proj",)  # run at every word (int8 decoding computes these in int8)
+
     def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, attention_dim)

@@ -24,6 +24,7 @@ from captioner.models.concepts import concept_vocabulary
 from captioner.models.decoder import Decoder, DecoderConfig
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
+from captioner.threads import phase_threads
 
 if TYPE_CHECKING:
     from captioner.decoding import Caption, GenerationConfig
@@ -190,6 +191,18 @@ class Captioner(nn.Module):
         #: True once the encoder's weights may differ from the pretrained package's (fine-tuning):
         #: then checkpoints carry them; otherwise they are rebuilt from the installed package.
         self.encoder_in_checkpoint = not config.encoder.pretrained
+        #: How decoding computes: "float32", or "int8" (the per-step matrices in int8 on a CPU, see
+        #: :mod:`captioner.models.int8_compute`; ``load`` picks it for int8 checkpoints). Training
+        #: and teacher forcing always use the float32 weights.
+        self.decoder_compute = "float32"
+
+    def decoding_decoder(self) -> Decoder:
+        """The decoder that generation runs: this model's, or on a CPU its int8 twin (``decoder_compute``)."""
+        if self.decoder_compute == "int8" and self.device.type == "cpu":
+            from captioner.models.int8_compute import int8_twin
+
+            return int8_twin(self.decoder)  # type: ignore[return-value]
+        return self.decoder
 
     @property
     def device(self) -> torch.device:
@@ -236,6 +249,7 @@ class Captioner(nn.Module):
         if first.encoder_in_checkpoint:
             combined.encoder.load_state_dict(first.encoder.state_dict())
             combined.encoder_in_checkpoint = True
+        combined.decoder_compute = first.decoder_compute
         return combined.eval()
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -259,7 +273,7 @@ class Captioner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), phase_threads():
                 return self.encode(x)  # (B, V*P, D)
         finally:
             self.train(was_training)
@@ -280,7 +294,9 @@ class Captioner(nn.Module):
 
         config = config or GenerationConfig()
         config = self.settings_for(dataclasses.replace(config, **overrides) if overrides else config)
-        return generate(self.decoder, self.features(images_or_features), self.vocab, config, constraints)
+        features = self.features(images_or_features)
+        with phase_threads():
+            return generate(self.decoding_decoder(), features, self.vocab, config, constraints)
 
     def caption(
         self,
@@ -362,8 +378,10 @@ class Captioner(nn.Module):
                 {self.vocab.index[word] for concept in image for word in concept.alternatives if word in self.vocab} - {i for words in wanted for i in words}
                 for image, wanted in zip(unlikely, ids)
             ]  # what a constraint asks for is never banned
+        with phase_threads():
+            decoded = generate(self.decoding_decoder(), features, self.vocab, config, ids, banned)
         results = []
-        for image, (source, captions) in enumerate(zip(sources, generate(self.decoder, features, self.vocab, config, ids, banned))):
+        for image, (source, captions) in enumerate(zip(sources, decoded)):
             tags = [(concept.word, probability) for concept, probability in concepts[image]] if concepts is not None else []
             found = [self._result(caption, source, tags, required[image]) for caption in captions]
             results.append(dataclasses.replace(found[0], n_best=found))
@@ -467,14 +485,19 @@ class Captioner(nn.Module):
         return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
 
     @classmethod
-    def load(cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu") -> Captioner:
+    def load(cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu", decoder_compute: str = "auto") -> Captioner:
         """Load a checkpoint folder (or ``"default"``, the model shipped with the package) onto ``device``.
 
         Nothing is unpickled: weights come from safetensors, the config and vocabulary from JSON,
-        and all three are checked against each other.
+        and all three are checked against each other. ``decoder_compute``: ``"float32"``, ``"int8"``
+        (CPU only) or ``"auto"``: int8 on a CPU for a checkpoint stored in int8, such as the shipped
+        model (its weights are int8 already), float32 otherwise.
         """
+        from captioner.models.int8_compute import resolve_decoder_compute
+
         folder = resolve_model_path(path)
         stored = open_checkpoint(folder)  # config, vocabulary and tensor shapes; no weights read yet
+        compute = resolve_decoder_compute(decoder_compute, device=torch.device(device), stored_int8=stored.int8)
         config = CaptionerConfig.from_dict({k: v for k, v in stored.config.items() if k in CONFIG_KEYS})
         encoder_weights = stored.config.get("encoder_weights", "package")
         if encoder_weights not in ("package", "checkpoint"):
@@ -494,6 +517,7 @@ class Captioner(nn.Module):
         model.decoder.load_state_dict({k[len("decoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("decoder.")})
         if model.encoder_in_checkpoint:
             model.encoder.load_state_dict({k[len("encoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("encoder.")})
+        model.decoder_compute = compute
         return model.to(device).eval()
 
 

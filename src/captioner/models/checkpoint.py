@@ -76,6 +76,7 @@ class StoredCheckpoint:
     config: dict[str, Any]
     vocab: Vocabulary
     shapes: dict[str, tuple[int, ...]]  # as the model sees them (int8 matrices by their own shape, no scales)
+    int8: bool = False  # whether its matrices are stored in int8 (saved with precision="int8")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every weight on the CPU, float (int8 matrices dequantised), each checked to be finite."""
@@ -101,7 +102,7 @@ def open_checkpoint(path: str | os.PathLike) -> StoredCheckpoint:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {WEIGHTS}")
-    shapes = read_shapes(weights)
+    shapes, int8 = read_shapes(weights)
     vocab_path = folder / VOCAB
     if vocab_path.is_file() and vocab_path.stat().st_size > MAX_VOCAB_BYTES:
         raise CheckpointError(f"checkpoint {folder}: {VOCAB} is {vocab_path.stat().st_size:,} bytes, over the {MAX_VOCAB_BYTES:,}-byte limit")
@@ -111,12 +112,13 @@ def open_checkpoint(path: str | os.PathLike) -> StoredCheckpoint:
         raise CheckpointError(f"checkpoint {folder}: {error}") from None
     if vocab_size != len(vocab):
         raise CheckpointError(f"checkpoint {folder}: config.json says {vocab_size} words but vocab.json has {len(vocab)}")
-    return StoredCheckpoint(folder, config, vocab, shapes)
+    return StoredCheckpoint(folder, config, vocab, shapes, int8)
 
 
-def read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+def read_shapes(weights: Path) -> tuple[dict[str, tuple[int, ...]], bool]:
     """Tensor name -> shape from a safetensors file's header alone (its size bounded, every entry checked
-    against the file's length), int8 scales left out; no tensor data is read."""
+    against the file's length), int8 scales left out, and whether there were any (int8 matrices); no
+    tensor data is read."""
 
     def invalid(detail: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {weights} is not a valid safetensors file (corrupt or truncated?): {detail}")
@@ -154,7 +156,7 @@ def read_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
             raise invalid(f"{str(name)[:60]!r} does not fit the file ({end:,} of {data_bytes:,} data bytes)")
         if not name.endswith(INT8_SCALE):
             shapes[name] = tuple(entry["shape"])
-    return shapes
+    return shapes, len(shapes) < len(header) - ("__metadata__" in header)
 
 
 def _first_line(error: BaseException) -> str:

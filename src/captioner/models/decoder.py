@@ -70,6 +70,9 @@ class Decoder(nn.Module):
     #: State entries that depend only on the image (not on the words so far): beam reordering, which
     #: only moves rows among one image's beams, leaves them in place instead of copying them.
     image_constant_keys: tuple[str, ...] = ()
+    #: Child modules (Linear, LSTM, LSTMCell) run at every step, not once per image: what int8
+    #: decoding computes in int8 (see :mod:`captioner.models.int8_compute`).
+    step_matrices: tuple[str, ...] = ()
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
         """Features (B, P, D) -> the state before the first word (one row per image)."""

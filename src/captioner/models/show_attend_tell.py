@@ -21,6 +21,7 @@ from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, capti
 class ShowAttendTell(Decoder):
     has_attention = True
     image_constant_keys = ("features", "projected")
+    step_matrices = ("gate", "lstm", "out_hidden", "out_context", "classifier")  # and attention's own
 
     def __init__(self, config: DecoderConfig, vocab_size: int, feature_dim: int) -> None:
         super().__init__()

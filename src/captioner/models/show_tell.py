@@ -17,6 +17,7 @@ from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, capti
 
 class ShowTell(Decoder):
     has_attention = False
+    step_matrices = ("lstm", "classifier")
 
     def __init__(self, config: DecoderConfig, vocab_size: int, feature_dim: int) -> None:
         super().__init__()

@@ -296,4 +296,5 @@ def model_info(model: "Captioner", name: str) -> dict[str, Any]:
         "decoders": len(config.ensemble.decoders) if config.ensemble else 1,  # an ensemble's, averaged
         "views": list(model.views),  # "flip": each image is also read mirrored
         "device": str(model.device),
+        "decoder_compute": model.decoder_compute,  # "int8": decoding's per-step matrices in int8
     }

@@ -1,0 +1,98 @@
+"""How many CPU threads a phase of captioning uses: chosen for the machine as it is at that moment.
+
+PyTorch runs every parallel operation on a fixed team of OpenMP threads, one per core, and each
+operation ends with the team waiting for its slowest member. When other programs keep the cores
+busy, one member is often descheduled and the rest wait a whole scheduler slice for it, at every
+operation: a beam-3 caption that takes 0.3 s on a quiet machine took 6.7 s beside two busy
+processes. So each phase takes only the cores that are free right now (the cores this process may
+use minus the other runnable tasks, ``/proc/loadavg``'s instantaneous count), and never more than
+PyTorch's own setting (``torch.set_num_threads``, ``OMP_NUM_THREADS``): on a quiet machine nothing
+changes; on a busy one a phase runs on fewer threads instead of waiting for preempted ones.
+
+``CAPTIONER_THREADS=N`` fixes the count for every phase (``CAPTIONER_THREADS=torch`` leaves
+PyTorch's setting alone, as before this module existed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+from captioner.errors import ConfigError
+
+ENV = "CAPTIONER_THREADS"
+MAX_THREADS = 1024
+LOADAVG = "/proc/loadavg"
+SECOND_LOOK_S = 0.001  # seen busy: look again after this long before giving a core up
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def other_runnable_tasks(path: str = LOADAVG) -> int | None:
+    """Threads of other processes that are running or waiting to run right now: the machine's count
+    (the fourth field of ``/proc/loadavg``, "running/total") less this process's own running threads
+    (the asking one, and PyTorch's workers still spinning after the last operation); None where
+    either cannot be read (not Linux)."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            running = int(handle.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that just ended
+                with open(f"/proc/self/task/{task}/stat", encoding="ascii", errors="replace") as handle:
+                    own += handle.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - max(own, 1))
+
+
+def fixed_threads() -> int | str | None:
+    """``CAPTIONER_THREADS`` as a count, ``"torch"``, or None when unset; a bad value is one line."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    if value == "torch":
+        return value
+    if not value.isdigit() or not 1 <= int(value) <= MAX_THREADS:
+        raise ConfigError(f"{ENV} must be a whole number from 1 to {MAX_THREADS}, or 'torch', not {value[:40]!r}")
+    return int(value)
+
+
+def threads_now(ceiling: int) -> int:
+    """The threads a phase starting now gets: the free cores, at least 1, at most ``ceiling``."""
+    fixed = fixed_threads()
+    if fixed == "torch":
+        return ceiling
+    if isinstance(fixed, int):
+        return fixed
+    first = other_runnable_tasks()
+    if first is None:
+        return ceiling
+    if first:  # a program that keeps a core busy is still runnable a moment later; a passing blip is not
+        time.sleep(SECOND_LOOK_S)
+        first = min(first, other_runnable_tasks() or 0)
+    return max(1, min(ceiling, usable_cores() - first))
+
+
+@contextlib.contextmanager
+def phase_threads() -> Iterator[int]:
+    """Run the block on :func:`threads_now` threads, PyTorch's own setting put back after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = threads_now(before) if fixed_threads() != "torch" else before
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
