@@ -10,11 +10,11 @@ line each, and skipped; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from captioner.errors import CaptionerError, ConfigError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from captioner.cli.caption_output import JsonLinesOutput
     from captioner.decoding import GenerationConfig
     from captioner.models.captioner import Captioner, CaptionResult
 
@@ -31,9 +32,11 @@ STDIN = Path("-")
 #: With fewer images than this, no progress bar is shown.
 PROGRESS_MIN_IMAGES = 20
 PREFIX = "captioner caption"
+MAX_PROCESSES = 4096  # torchrun's WORLD_SIZE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import add_decoder_compute_argument
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -77,10 +80,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--require", action="append", default=[], metavar="WORDS", help="the caption must name one of these comma-separated words (repeatable: --require cat,kitten --require laptop); words the model never learnt are added")
     parser.add_argument("--concepts", type=int, metavar="N", help="the caption must name up to N of the image's likeliest visual concepts, 0: none (default: the model's own)")
     parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely, 0 < P <= 1 (default: the model's own)")
-    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE (FILE.partial until the run ends)")
+    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE, in input order (FILE.partial until the run ends)")
+    parser.add_argument("--resume", action="store_true", help="with --json: caption only the images FILE (or the FILE.partial of a run that stopped) does not have yet")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    add_decoder_compute_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -169,6 +174,8 @@ def check_options(args: argparse.Namespace) -> GenerationConfig:
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
+    if args.resume and not args.json:
+        raise ConfigError("--resume goes with --json FILE: the file it reads what is captioned already from")
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a folder; give a file name such as captions.jsonl")
     if args.attention and Path(args.attention).exists() and not Path(args.attention).is_dir():
@@ -218,42 +225,6 @@ def json_record(result: CaptionResult, figure: Path | None) -> dict[str, Any]:
     return record
 
 
-class JsonLinesOutput:
-    """``--json FILE``: each batch's records are appended to ``FILE.partial`` and flushed as they are
-    made; when the run ends the file is renamed to ``FILE`` in one step. A run that stops early
-    (Ctrl-C, a full disk) leaves every caption made so far in ``FILE.partial`` and any earlier
-    ``FILE`` untouched. Opening it checks the path before any image is captioned."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.written = 0
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.partial, "w", encoding="utf-8")
-        except OSError as error:
-            raise CaptionerError(f"cannot write --json {path}: {error.strerror or error}") from None
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        self.handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        self.handle.flush()
-        self.written += len(records)
-
-    def finish(self) -> None:
-        self.handle.close()
-        with open(self.partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(self.partial, self.path)
-
-    def abandon(self) -> str | None:
-        """Close after a failure: a note on where the captions made so far are (None: there were none)."""
-        self.handle.close()
-        if not self.written:
-            self.partial.unlink(missing_ok=True)
-            return None
-        return f"the {self.written} captions made before the run stopped are in {self.partial}"
-
-
 @dataclass
 class Console:
     """Writes caption lines to stdout and notes to stderr without breaking the progress bar."""
@@ -277,24 +248,34 @@ class Console:
 # ----- the run ------------------------------------------------------------------------------------
 
 
-def read_chunk(paths: list[Path], draft: int, report: Callable[[str], None]) -> list[tuple[Path, Image.Image]]:
-    """Decode images; each unreadable one is reported (one line) and left out."""
+def read_chunk(paths: list[Path], draft: int) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
+    """Decode images: (the readable ones, one line for each unreadable one)."""
     from captioner.data.images import load_image
     from captioner.errors import ImageLoadError
 
-    loaded = []
+    loaded, errors = [], []
     for path in paths:
         try:
             source = sys.stdin.buffer.read() if path == STDIN else path
             loaded.append((path, load_image(source, name="<standard input>" if path == STDIN else None, draft=draft)))
         except ImageLoadError as error:
-            report(f"{error} (skipped)")
-    return loaded
+            errors.append(f"{error} (skipped)")
+    return loaded, errors
 
 
-def chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def decoded_ahead(paths: list[Path], size: int, draft: int) -> Iterator[tuple[list[Path], tuple[list[tuple[Path, Image.Image]], list[str]]]]:
+    """(chunk, read_chunk(chunk)) for each ``size`` images in turn, the next chunk's files decoded by
+    a worker thread while the caller captions this one (JPEG decoding releases the GIL): at most two
+    chunks of images in memory, whatever the number of files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [paths[start : start + size] for start in range(0, len(paths), size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(read_chunk, batches[0], draft) if batches else None
+        for index, chunk in enumerate(batches):
+            decoded = pending.result()  # type: ignore[union-attr]
+            pending = pool.submit(read_chunk, batches[index + 1], draft) if index + 1 < len(batches) else None
+            yield chunk, decoded
 
 
 def write_attention(folder: Path, name: str, image: Image.Image, result: CaptionResult, model: Captioner) -> Path | None:
@@ -322,21 +303,38 @@ def caption_images(model: Captioner, loaded: list[tuple[Path, Image.Image]], con
 
 
 def run(args: argparse.Namespace) -> int:
+    from captioner.cli.caption_output import JsonLinesOutput
+
     config = check_options(args)
     paths, empty = expand_inputs(args.images)
     refuse_if_nothing(args.images, paths)
-    output = JsonLinesOutput(args.json) if args.json else None
+    shard = Shard.from_environment()
+    if shard.world_size > 1 and not args.json:
+        raise ConfigError("under torchrun, give --json FILE: each process writes its share and the first merges them into FILE, in input order")
+    output = JsonLinesOutput(args.json, resume=args.resume, rank=shard.rank, world_size=shard.world_size) if args.json else None
+    shard.join()  # every process has looked at what earlier runs left before any of them writes
+    if output:
+        output.open()
+    done = output.done if output else set()
+    todo = [path for index, path in enumerate(paths) if index % shard.world_size == shard.rank and (path == STDIN or str(path) not in done)]
+    if done and shard.rank == 0:
+        print(f"{PREFIX}: {sum(str(path) in done for path in paths)} of {len(paths)} images are in {args.json} already (--resume): not captioned again", file=sys.stderr)
     try:
-        failed = caption_all(args, config, paths, empty, output)
+        failed = caption_all(args, config, todo, empty if shard.rank == 0 else [], output)
     except BaseException:
         note = output.abandon() if output else None
         if note:
             print(f"{PREFIX}: {note}", file=sys.stderr)
         raise
     if output:
-        output.finish()
+        output.close()
+        shard.wait_for_all()
+        if shard.rank == 0:
+            output.merge([str(path) for path in paths])
+        shard.wait_for_all()  # no process ends (torchrun stops the rest when one fails) before FILE is written
+    shard.leave()
     if failed:
-        print(f"{PREFIX}: {failed} of {len(paths) + len(empty)} inputs could not be captioned", file=sys.stderr)
+        print(f"{PREFIX}: {failed} of {len(todo) + len(empty)} inputs could not be captioned", file=sys.stderr)
         return 1
     return 0
 
@@ -348,7 +346,7 @@ def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[
     from captioner.device import resolve_device
     from captioner.models.captioner import Captioner
 
-    model = Captioner.load(args.model, device=resolve_device(args.device))
+    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute)
     console = Console()
     for entry in empty:
         console.err(f"{why_nothing(entry)} (skipped)")
@@ -367,8 +365,9 @@ def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[
         disable=True if args.quiet or len(paths) < PROGRESS_MIN_IMAGES else None,
     ) as bar:
         console.bar = bar
-        for chunk in chunks(paths, args.batch_size):
-            loaded = read_chunk(chunk, model.preprocessing.draft_size, console.err)
+        for chunk, (loaded, errors) in decoded_ahead(paths, args.batch_size, model.preprocessing.draft_size):
+            for error in errors:
+                console.err(error)
             failed += len(chunk) - len(loaded)
             records = []
             for (path, image), result in zip(loaded, caption_images(model, loaded, config)):
@@ -381,3 +380,44 @@ def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[
             bar.update(len(chunk))
         console.bar = None
     return failed
+
+
+@dataclass
+class Shard:
+    """This process's share of the inputs: every image whose index is ``rank`` modulo ``world_size``
+    (torchrun's RANK and WORLD_SIZE; one process takes them all). Shares follow the input list, not
+    what is left to do, so processes that see different earlier output still split it exactly."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> Shard:
+        try:
+            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        except ValueError:
+            raise ConfigError("RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
+        if not 0 <= rank < world_size <= MAX_PROCESSES:
+            raise ConfigError(f"RANK {rank} of WORLD_SIZE {world_size}: RANK must be from 0 to WORLD_SIZE - 1, WORLD_SIZE from 1 to {MAX_PROCESSES}")
+        return cls(rank, world_size)
+
+    def join(self) -> None:
+        """Join torchrun's process group (gloo, used only to wait for each other), then wait for every process."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=timedelta(days=7))  # on a big folder the shares end far apart
+            dist.barrier()
+
+    def wait_for_all(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def leave(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
