@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# An empty cache of our own (exported encoders): what a user exported never changes what tests see.
+os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ def _evaluate(
     data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, decoder_compute: str, progress: bool,
 ) -> EvaluationReport:  # fmt: skip
     torch_device = resolve_device(device)
-    model = Captioner.load(folder, device=torch_device, decoder_compute=decoder_compute)
+    model = Captioner.load(folder, device=torch_device, decoder_compute=decoder_compute, encoder_runtime="torch")  # features come from the cache PyTorch fills
     data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")

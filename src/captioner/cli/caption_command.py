@@ -36,7 +36,7 @@ MAX_PROCESSES = 4096  # torchrun's WORLD_SIZE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_decoder_compute_argument
+    from captioner.cli.main import add_runtime_arguments
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -85,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    add_decoder_compute_argument(parser)
+    add_runtime_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -346,7 +346,7 @@ def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[
     from captioner.device import resolve_device
     from captioner.models.captioner import Captioner
 
-    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute)
+    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute, encoder_runtime=args.encoder_runtime)
     console = Console()
     for entry in empty:
         console.err(f"{why_nothing(entry)} (skipped)")

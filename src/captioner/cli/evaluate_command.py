@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_decoder_compute_argument
+    from captioner.cli.main import add_runtime_arguments
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=50, help="images decoded together (default 50)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    add_decoder_compute_argument(parser)
+    add_runtime_arguments(parser, encoder=False)  # evaluate encodes through the feature cache, always with PyTorch
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 

@@ -17,7 +17,7 @@ from captioner.errors import CaptionerError
 from captioner.threads import fixed_threads
 
 #: The order commands are listed in ``captioner --help``; any other ``*_command`` module follows.
-PREFERRED_ORDER = ("caption", "prepare", "train", "evaluate", "ensemble", "serve", "shapes")
+PREFERRED_ORDER = ("caption", "prepare", "train", "evaluate", "ensemble", "export", "serve", "shapes")
 
 
 def command_names() -> list[str]:
@@ -30,12 +30,19 @@ def command_names() -> list[str]:
     return sorted(found, key=lambda name: (PREFERRED_ORDER.index(name) if name in PREFERRED_ORDER else len(PREFERRED_ORDER), name))
 
 
-def add_decoder_compute_argument(parser: argparse.ArgumentParser) -> None:
-    """``--decoder-compute``, for every command that decodes with a loaded model."""
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, encoder: bool = True) -> None:
+    """``--decoder-compute`` and (with ``encoder``) ``--encoder-runtime``, for the commands that run a loaded model."""
     parser.add_argument(
         "--decoder-compute", choices=("auto", "float32", "int8"), default="auto",
         help="decoding arithmetic: int8 (CPU only; about twice as fast at one photo), float32, or auto "
         "(default: int8 on a CPU for a model saved in int8, such as the shipped one; float32 otherwise)",
+    )
+    if not encoder:
+        return
+    parser.add_argument(
+        "--encoder-runtime", choices=("auto", "torch", "onnx"), default="auto",
+        help="what runs the image encoder on a CPU: onnx (onnxruntime, after 'captioner export MODEL'), torch, "
+        "or auto (default: onnx when onnxruntime is installed and the encoder was exported)",
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ SERVING_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "py
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_decoder_compute_argument
+    from captioner.cli.main import add_runtime_arguments
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -84,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-workers", type=int, default=2, metavar="N", help="uploads decoded at once (default 2)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="a host name to serve besides IP addresses and localhost (repeatable; '*' serves any)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    add_decoder_compute_argument(parser)
+    add_runtime_arguments(parser)
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"), help="server log level (default warning)"
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     from captioner.serve.server import AnnouncingServer, bind_socket, check_port_free, socket_url, uvicorn_config
 
     check_port_free(args.host, args.port)  # a taken port is reported before the (slow) model load
-    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute)
+    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute, encoder_runtime=args.encoder_runtime)
     warm_up(model, config.beam_size, config.n_best)
     sock = bind_socket(args.host, args.port)
     url = socket_url(sock)

@@ -29,6 +29,7 @@ from captioner.threads import phase_threads
 if TYPE_CHECKING:
     from captioner.decoding import Caption, GenerationConfig
     from captioner.models.concepts import Concept
+    from captioner.models.onnx_encoder import OnnxEncoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "default"
 PRECISIONS = ("float32", "float16", "int8")
@@ -195,6 +196,9 @@ class Captioner(nn.Module):
         #: :mod:`captioner.models.int8_compute`; ``load`` picks it for int8 checkpoints). Training
         #: and teacher forcing always use the float32 weights.
         self.decoder_compute = "float32"
+        #: onnxruntime running the encoder on a CPU (:mod:`captioner.models.onnx_encoder`; ``load`` finds
+        #: one when it is installed and the encoder was exported); None: PyTorch encodes.
+        self.encoder_runtime: OnnxEncoder | None = None
 
     def decoding_decoder(self) -> Decoder:
         """The decoder that generation runs: this model's, or on a CPU its int8 twin (``decoder_compute``)."""
@@ -213,13 +217,19 @@ class Captioner(nn.Module):
         self.encoder.fine_tune(stages)
         if stages > 0:
             self.encoder_in_checkpoint = True
+            self.encoder_runtime = None  # an export holds the weights as they were
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (B, 3, H, W) -> region features (B, P, D); (B, V*P, D) for V views."""
-        with torch.set_grad_enabled(self.encoder.trainable and torch.is_grad_enabled()):
-            if self.views == ("plain",):
-                return self.encoder(images)
-            return torch.cat([self.encoder(images.flip(-1) if view == "flip" else images) for view in self.views], dim=1)
+        """Preprocessed images (B, 3, H, W) -> region features (B, P, D); (B, V*P, D) for V views,
+        every view of the batch in one encoder call."""
+        learning = self.encoder.trainable and torch.is_grad_enabled()
+        views = torch.cat([images.flip(-1) if view == "flip" else images for view in self.views]) if len(self.views) > 1 else images  # (V*B, 3, H, W)
+        with torch.set_grad_enabled(learning):
+            if self.encoder_runtime is not None and not learning and views.device.type == "cpu":
+                features = self.encoder_runtime(views)
+            else:
+                features = self.encoder(views)  # (V*B, P, D)
+        return torch.cat(features.chunk(len(self.views)), dim=1) if len(self.views) > 1 else features
 
     @classmethod
     def ensemble(cls, models: list[Captioner], *, views: tuple[str, ...] = ("plain",)) -> Captioner:
@@ -249,7 +259,7 @@ class Captioner(nn.Module):
         if first.encoder_in_checkpoint:
             combined.encoder.load_state_dict(first.encoder.state_dict())
             combined.encoder_in_checkpoint = True
-        combined.decoder_compute = first.decoder_compute
+        combined.decoder_compute, combined.encoder_runtime = first.decoder_compute, first.encoder_runtime
         return combined.eval()
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -485,15 +495,22 @@ class Captioner(nn.Module):
         return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
 
     @classmethod
-    def load(cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu", decoder_compute: str = "auto") -> Captioner:
+    def load(
+        cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu", decoder_compute: str = "auto", encoder_runtime: str = "auto"
+    ) -> Captioner:
         """Load a checkpoint folder (or ``"default"``, the model shipped with the package) onto ``device``.
 
         Nothing is unpickled: weights come from safetensors, the config and vocabulary from JSON,
         and all three are checked against each other. ``decoder_compute``: ``"float32"``, ``"int8"``
         (CPU only) or ``"auto"``: int8 on a CPU for a checkpoint stored in int8, such as the shipped
-        model (its weights are int8 already), float32 otherwise.
+        model (its weights are int8 already), float32 otherwise. ``encoder_runtime``: ``"auto"``
+        (onnxruntime when installed and the encoder was exported with ``captioner export``, see
+        :mod:`captioner.models.onnx_encoder`), ``"torch"`` or ``"onnx"``.
         """
         from captioner.models.int8_compute import resolve_decoder_compute
+        from captioner.models.onnx_encoder import check_encoder_runtime, find_encoder_runtime
+
+        check_encoder_runtime(encoder_runtime)  # before any loading
 
         folder = resolve_model_path(path)
         stored = open_checkpoint(folder)  # config, vocabulary and tensor shapes; no weights read yet
@@ -518,7 +535,9 @@ class Captioner(nn.Module):
         if model.encoder_in_checkpoint:
             model.encoder.load_state_dict({k[len("encoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("encoder.")})
         model.decoder_compute = compute
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        model.encoder_runtime = find_encoder_runtime(model, encoder_runtime)
+        return model
 
 
 def _encoder_config(config: CaptionerConfig, pretrained: bool) -> EncoderConfig:

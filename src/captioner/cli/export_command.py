@@ -1,0 +1,45 @@
+"""``captioner export``: write a model's encoder as ONNX, for onnxruntime to run (``pip install 'captioner[fast]'``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # a source checkout's example photos
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model's encoder as ONNX so onnxruntime encodes images (faster on a CPU)",
+        description=(
+            "Export the model's image encoder as ONNX into the cache (CAPTIONER_CACHE, else ~/.cache/captioner), "
+            "after checking its features against PyTorch's on real photos. From then on, where onnxruntime is "
+            "installed, every model with this encoder encodes through it on a CPU (--encoder-runtime torch opts out)."
+        ),
+        epilog="examples:\n  pip install 'captioner[fast]' && captioner export default\n  captioner export runs/f8k/best photos/*.jpg",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint folder, or 'default' for the shipped model")
+    parser.add_argument("photos", nargs="*", help="photos to check the export on (default: the examples/ of a source checkout)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from captioner.cli.caption_command import expand_inputs
+    from captioner.data.images import load_image
+    from captioner.errors import ConfigError
+    from captioner.models.captioner import Captioner
+    from captioner.models.onnx_encoder import export_encoder
+
+    photos, _ = expand_inputs(args.photos or ([str(EXAMPLES)] if EXAMPLES.is_dir() else []))
+    photos = [path for path in photos if path.is_file()][:8]
+    if not photos:
+        raise ConfigError("give a few photos to check the export on: captioner export MODEL PHOTO...")
+    model = Captioner.load(args.model, encoder_runtime="torch")
+    pixels = torch.stack([model.preprocessing(load_image(path, draft=model.preprocessing.draft_size)) for path in photos])
+    path, difference = export_encoder(model, pixels)
+    print(f"wrote {path}: features within {difference:.1e} of PyTorch's on {len(photos)} photos")
+    return 0

@@ -1,0 +1,101 @@
+"""The encoder through onnxruntime: exported once, checked, then used wherever it is installed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.errors import ConfigError
+from captioner.models.captioner import Captioner
+from captioner.models.onnx_encoder import OnnxEncoder, encoder_key, export_encoder, find_encoder_runtime, onnx_path
+
+pytest.importorskip("onnxruntime")  # the [fast] extra; the test extra installs it
+pytest.importorskip("onnx")
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache of this module's own, holding the shipped model's exported encoder."""
+    folder, before = tmp_path_factory.mktemp("cache"), os.environ["CAPTIONER_CACHE"]
+    os.environ["CAPTIONER_CACHE"] = str(folder)
+    try:
+        model = Captioner.load("default", encoder_runtime="torch")
+        path, difference = export_encoder(model, pixels(model))
+        yield folder, path, difference
+    finally:
+        os.environ["CAPTIONER_CACHE"] = before
+
+
+def pixels(model):
+    from captioner.data.images import load_image
+
+    return torch.stack([model.preprocessing(load_image(path, draft=model.preprocessing.draft_size)) for path in sorted(EXAMPLES.glob("*.jpg"))])
+
+
+def test_an_exported_encoder_gives_pytorch_s_features_and_captions(cache):
+    _, path, difference = cache
+    assert path.is_file() and difference < 1e-3
+    fast, plain = Captioner.load("default", decoder_compute="float32"), Captioner.load("default", encoder_runtime="torch", decoder_compute="float32")
+    assert isinstance(fast.encoder_runtime, OnnxEncoder) and plain.encoder_runtime is None
+    images = pixels(plain)
+    assert torch.allclose(fast.features(images), plain.features(images), atol=1e-3)  # both views, in one call
+    for photo in sorted(EXAMPLES.glob("*.jpg")):  # float32 decoding: the whole 3-best list, and its scores
+        ours, theirs = fast.caption(photo, n_best=3).n_best, plain.caption(photo, n_best=3).n_best
+        assert [r.text for r in ours] == [r.text for r in theirs] and all(abs(a.score - b.score) < 1e-3 for a, b in zip(ours, theirs))
+    # int8 decoding rounds each step's inputs with a scale set by the largest: the best caption stays,
+    # the runners-up of a beam of 3 can change with a difference of 1e-5 in the features
+    fast_int8, plain_int8 = Captioner.load("default"), Captioner.load("default", encoder_runtime="torch")
+    assert [fast_int8.caption(photo).text for photo in sorted(EXAMPLES.glob("*.jpg"))] == [plain_int8.caption(photo).text for photo in sorted(EXAMPLES.glob("*.jpg"))]
+
+
+def test_without_an_export_pytorch_encodes_and_insisting_on_onnx_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    assert Captioner.load("default").encoder_runtime is None
+    with pytest.raises(ConfigError, match=r"its encoder was not exported yet \(run 'captioner export"):
+        Captioner.load("default", encoder_runtime="onnx")
+    with pytest.raises(ConfigError, match="encoder runtime must be one of auto, torch, onnx"):
+        Captioner.load("default", encoder_runtime="tensorrt")
+
+
+def test_a_damaged_export_is_one_line(cache, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(cache[1].read_bytes()[:1000])
+    import onnxruntime
+
+    with pytest.raises(ConfigError, match="cannot load the exported encoder .* export it again"):
+        OnnxEncoder(broken, onnxruntime)(torch.zeros(1, 3, 260, 260))
+
+
+def test_fine_tuning_and_other_encoders_never_use_an_export(cache):
+    model = Captioner.load("default")
+    assert model.encoder_runtime is not None
+    key = encoder_key(model)
+    model.fine_tune_encoder(1)
+    assert model.encoder_runtime is None and encoder_key(model) is None and onnx_path(model) is None  # its weights are its own now
+    assert find_encoder_runtime(model, "auto") is None
+    with pytest.raises(ConfigError, match="comes with its checkpoint"):
+        find_encoder_runtime(model, "onnx")
+    from tests.conftest import make_model
+
+    other = make_model("attention", pretrained=True)  # EfficientNet-Lite0: a different encoder, a different file
+    assert encoder_key(other) != key and not onnx_path(other).exists()
+
+
+def test_the_export_command_and_the_caption_flag(tmp_path):
+    env = {**os.environ, "CAPTIONER_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "captioner"]
+    refused = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "onnx"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
+        "captioner caption: error: cannot encode with onnxruntime: its encoder was not exported yet (run 'captioner export MODEL')"
+    ]
+    exported = subprocess.run([*command, "export", "default"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert exported.returncode == 0 and "features within" in exported.stdout, exported.stderr
+    fast = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "onnx"], cwd=ROOT, env=env, capture_output=True, text=True)
+    plain = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "torch"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert fast.returncode == plain.returncode == 0 and fast.stdout == plain.stdout
