@@ -2,6 +2,18 @@
 
     python benchmarks/decode.py [--model default|CHECKPOINT] [--images 64] [--out benchmarks/results/decode.json]
 
+Two parts. **As shipped** (``"shipped"`` in the JSON): the default model as a user runs it, both
+decoders on both views, int8 decoding, its own settings (beam 3, length penalty, no repeated
+trigrams, sentence rules, visual concepts): ``model.caption_batch`` from encoder features and
+``model.caption(paths)`` from the JPEG files, at batch 1 and 32, over the 3 example photos and the
+first 29 of coco_dev (32 everyday photos). Beside it, in the same rounds, the tutorial's loop on the
+same model: one image at a time, its beam search of 3 over the ensemble's float32 step (the
+tutorial has no length penalty, rules or concepts, so its captions are shorter: both sides' mean
+words are recorded), from the same features, and from the files (each one decoded, preprocessed
+and encoded alone first). Each figure is the median of ``--rounds`` rounds.
+
+**One decoder** (``"results"``, as before):
+
 The model is the shipped default's first decoder (Show-Attend-Tell trained on Flickr8k: vocabulary
 2,538 words, embedding/hidden/attention 512, EfficientNet-Lite2 features 81 x 1280) on the plain
 view, unless --model names another (an ensemble is likewise reduced to its first decoder: the
@@ -23,6 +35,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +47,7 @@ from captioner.models.decoder import select_state
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+COCO_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_dev" / "images"
 
 
 def first_decoder(model: Captioner) -> Captioner:
@@ -123,16 +137,80 @@ def timed(function, repeats: int) -> tuple[float, list]:
     return best, result
 
 
+def shipped_photos() -> list[Path]:
+    photos = sorted(EXAMPLES.glob("*.jpg"))
+    return photos + sorted(COCO_DEV.glob("*.jpg"))[: 32 - len(photos)] if COCO_DEV.is_dir() else photos
+
+
+def as_shipped(rounds: int) -> list[dict]:
+    """The shipped model at its own settings vs the tutorial loop on it, from features and from files."""
+    from captioner.data.images import load_image
+
+    model = Captioner.load("default")  # int8 decoding, its decoding settings
+    exact = Captioner.load("default", decoder_compute="float32")  # what the tutorial loop steps
+    photos = shipped_photos()
+    config = GenerationConfig.for_captions(3, 1, return_attention=False)
+    pixels = torch.stack([model.preprocessing(load_image(path, draft=model.preprocessing.draft_size)) for path in photos])
+    features = model.features(pixels)  # (N, V*P, D)
+    max_length = model.config.max_length
+
+    def ours_from_features(batch: int) -> list[list[str]]:
+        return [r.words for start in range(0, len(photos), batch) for r in model.caption_batch(features[start : start + batch], config)]
+
+    def ours_from_files(batch: int) -> list[list[str]]:
+        return [r.words for r in model.caption(photos, batch_size=batch, return_attention=False)]
+
+    def tutorial_from_features() -> list[list[int]]:
+        return [tutorial_beam_search(exact, features[i : i + 1], 3, max_length) for i in range(len(photos))]
+
+    def tutorial_from_files() -> list[list[int]]:
+        one = lambda path: exact.features(exact.preprocessing(load_image(path, draft=exact.preprocessing.draft_size)).unsqueeze(0))  # noqa: E731
+        return [tutorial_beam_search(exact, one(path), 3, max_length) for path in photos]
+
+    sides = {
+        ("features", 1): lambda: ours_from_features(1), ("features", 32): lambda: ours_from_features(32),
+        ("files", 1): lambda: ours_from_files(1), ("files", 32): lambda: ours_from_files(32),
+        ("features", "tutorial"): tutorial_from_features, ("files", "tutorial"): tutorial_from_files,
+    }  # fmt: skip
+    model.caption(photos[:2])  # warm-up: lazy loading (concept file, word vectors), first vocabulary extensions
+    seconds: dict = {side: [] for side in sides}
+    words: dict = {}
+    for _ in range(rounds):
+        for side, run in sides.items():
+            start = time.perf_counter()
+            words[side] = run()
+            seconds[side].append(time.perf_counter() - start)
+    median = {side: statistics.median(values) for side, values in seconds.items()}
+    rows = []
+    for source in ("features", "files"):
+        for batch in (1, 32):
+            ours, tutorial = (source, batch), (source, "tutorial")
+            rows.append({
+                "from": source, "batch": batch,
+                "images_per_second": round(len(photos) / median[ours], 1),
+                "tutorial_images_per_second": round(len(photos) / median[tutorial], 1),
+                "speedup": round(median[tutorial] / median[ours], 2),
+                "ms_per_image": round(1000 * median[ours] / len(photos), 1),
+                "mean_words": round(sum(map(len, words[ours])) / len(photos), 2),
+                "tutorial_mean_words": round(sum(map(len, words[tutorial])) / len(photos), 2),
+            })  # fmt: skip
+            print(f"shipped, from {source:8s} batch {batch:2d}: {rows[-1]['images_per_second']:6.1f} images/s "
+                  f"(tutorial loop {rows[-1]['tutorial_images_per_second']:5.1f}/s, x{rows[-1]['speedup']})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="a checkpoint folder, or default (the shipped model)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the as-shipped part (medians)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    shipped = as_shipped(args.rounds) if args.model == "default" else []
     model = first_decoder(Captioner.load(args.model))
     features = example_features(model, args.images)  # (N, P, D)
 
@@ -172,6 +250,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "shipped": {"photos": len(shipped_photos()), "rounds": args.rounds, "rows": shipped},
         "results": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
