@@ -84,7 +84,9 @@ def threads_now(ceiling: int) -> int:
 
 @contextlib.contextmanager
 def phase_threads() -> Iterator[int]:
-    """Run the block on :func:`threads_now` threads, PyTorch's own setting put back after it."""
+    """Run the block on :func:`threads_now` threads, PyTorch's own setting put back after it. The
+    setting is the calling thread's (OpenMP keeps one per thread), so phases in other threads
+    neither see nor undo it."""
     import torch
 
     before = torch.get_num_threads()
