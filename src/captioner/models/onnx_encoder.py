@@ -101,7 +101,7 @@ def find_encoder_runtime(model: Captioner, choice: str) -> OnnxEncoder | None:
         "onnxruntime is not installed (pip install 'captioner[fast]')" if runtime is None
         else "the encoder runs on a GPU" if model.device.type != "cpu"
         else "this model's encoder comes with its checkpoint (fine-tuned) or is not an EfficientNet-Lite" if path is None
-        else f"its encoder was not exported yet (run 'captioner export {'MODEL'}')" if not path.is_file()
+        else "its encoder was not exported yet (run 'captioner export MODEL')" if not path.is_file()
         else None
     )  # fmt: skip
     if missing is None:
