@@ -73,13 +73,13 @@ def threads_now(ceiling: int) -> int:
         return ceiling
     if isinstance(fixed, int):
         return fixed
-    first = other_runnable_tasks()
-    if first is None:
+    others = other_runnable_tasks()
+    if others is None:
         return ceiling
-    if first:  # a program that keeps a core busy is still runnable a moment later; a passing blip is not
+    if others:  # a program that keeps a core busy is still runnable a moment later; a passing blip is not
         time.sleep(SECOND_LOOK_S)
-        first = min(first, other_runnable_tasks() or 0)
-    return max(1, min(ceiling, usable_cores() - first))
+        others = min(others, other_runnable_tasks() or 0)
+    return max(1, min(ceiling, usable_cores() - others))
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def phase_threads() -> Iterator[int]:
     import torch
 
     before = torch.get_num_threads()
-    threads = threads_now(before) if fixed_threads() != "torch" else before
+    threads = threads_now(before)
     if threads != before:
         torch.set_num_threads(threads)
     try:
