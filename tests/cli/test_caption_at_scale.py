@@ -122,3 +122,11 @@ def test_a_killed_rank_is_resumed_with_nothing_lost_and_nothing_captioned_twice(
     final = records(out)
     assert captions(final) == captions(one_process)  # nothing lost, in input order
     assert all(record in final for record in before.values())  # what was made before the kill is what was kept
+
+
+def test_a_wrong_torchrun_environment_is_one_line(model, folder, tmp_path):
+    import os
+
+    for env, says in (({"WORLD_SIZE": "two"}, "must be whole numbers"), ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK must be from 0 to WORLD_SIZE - 1")):
+        done = subprocess.run(caption(folder, "--model", model, "--json", tmp_path / "out.jsonl"), capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr

@@ -14,13 +14,13 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.errors import CaptionerError, ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from captioner.cli.caption_output import JsonLinesOutput
@@ -32,7 +32,6 @@ STDIN = Path("-")
 #: With fewer images than this, no progress bar is shown.
 PROGRESS_MIN_IMAGES = 20
 PREFIX = "captioner caption"
-MAX_PROCESSES = 4096  # torchrun's WORLD_SIZE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -304,23 +303,26 @@ def caption_images(model: Captioner, loaded: list[tuple[Path, Image.Image]], con
 
 def run(args: argparse.Namespace) -> int:
     from captioner.cli.caption_output import JsonLinesOutput
+    from captioner.training.distributed import cleanup, setup
 
     config = check_options(args)
     paths, empty = expand_inputs(args.images)
     refuse_if_nothing(args.images, paths)
-    shard = Shard.from_environment()
-    if shard.world_size > 1 and not args.json:
+    # Under torchrun each process captions every world_size-th input: shares follow the input list,
+    # not what is left to do, so processes that see different earlier output still split it exactly.
+    shard, device = setup(args.device, timeout_minutes=7 * 24 * 60)  # on a big folder the shares end far apart
+    if shard.enabled and not args.json:
         raise ConfigError("under torchrun, give --json FILE: each process writes its share and the first merges them into FILE, in input order")
     output = JsonLinesOutput(args.json, resume=args.resume, rank=shard.rank, world_size=shard.world_size) if args.json else None
-    shard.join()  # every process has looked at what earlier runs left before any of them writes
+    shard.barrier()  # every process has looked at what earlier runs left before any of them writes
     if output:
         output.open()
     done = output.done if output else set()
     todo = [path for index, path in enumerate(paths) if index % shard.world_size == shard.rank and (path == STDIN or str(path) not in done)]
-    if done and shard.rank == 0:
+    if done and shard.is_main:
         print(f"{PREFIX}: {sum(str(path) in done for path in paths)} of {len(paths)} images are in {args.json} already (--resume): not captioned again", file=sys.stderr)
     try:
-        failed = caption_all(args, config, todo, empty if shard.rank == 0 else [], output)
+        failed = caption_all(args, config, todo, empty if shard.is_main else [], output, device)
     except BaseException:
         note = output.abandon() if output else None
         if note:
@@ -328,25 +330,26 @@ def run(args: argparse.Namespace) -> int:
         raise
     if output:
         output.close()
-        shard.wait_for_all()
-        if shard.rank == 0:
+        shard.barrier()
+        if shard.is_main:
             output.merge([str(path) for path in paths])
-        shard.wait_for_all()  # no process ends (torchrun stops the rest when one fails) before FILE is written
-    shard.leave()
+        shard.barrier()  # no process ends (torchrun stops the rest when one fails) before FILE is written
+    cleanup(shard)
     if failed:
         print(f"{PREFIX}: {failed} of {len(todo) + len(empty)} inputs could not be captioned", file=sys.stderr)
         return 1
     return 0
 
 
-def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[Path], empty: list[str], output: JsonLinesOutput | None) -> int:
+def caption_all(
+    args: argparse.Namespace, config: GenerationConfig, paths: list[Path], empty: list[str], output: JsonLinesOutput | None, device: torch.device
+) -> int:
     """Caption every image, writing lines (and JSON records) batch by batch; returns how many failed."""
     from tqdm import tqdm
 
-    from captioner.device import resolve_device
     from captioner.models.captioner import Captioner
 
-    model = Captioner.load(args.model, device=resolve_device(args.device), decoder_compute=args.decoder_compute, encoder_runtime=args.encoder_runtime)
+    model = Captioner.load(args.model, device=device, decoder_compute=args.decoder_compute, encoder_runtime=args.encoder_runtime)
     console = Console()
     for entry in empty:
         console.err(f"{why_nothing(entry)} (skipped)")
@@ -381,43 +384,3 @@ def caption_all(args: argparse.Namespace, config: GenerationConfig, paths: list[
         console.bar = None
     return failed
 
-
-@dataclass
-class Shard:
-    """This process's share of the inputs: every image whose index is ``rank`` modulo ``world_size``
-    (torchrun's RANK and WORLD_SIZE; one process takes them all). Shares follow the input list, not
-    what is left to do, so processes that see different earlier output still split it exactly."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_environment(cls) -> Shard:
-        try:
-            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise ConfigError("RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
-        if not 0 <= rank < world_size <= MAX_PROCESSES:
-            raise ConfigError(f"RANK {rank} of WORLD_SIZE {world_size}: RANK must be from 0 to WORLD_SIZE - 1, WORLD_SIZE from 1 to {MAX_PROCESSES}")
-        return cls(rank, world_size)
-
-    def join(self) -> None:
-        """Join torchrun's process group (gloo, used only to wait for each other), then wait for every process."""
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=timedelta(days=7))  # on a big folder the shares end far apart
-            dist.barrier()
-
-    def wait_for_all(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def leave(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from captioner.atomic import write_text_atomic
 from captioner.errors import CaptionerError
 
 
@@ -98,12 +99,7 @@ class JsonLinesOutput:
         records = read_records([self.path, *parts] if self.resume else parts)
         order = {source: index for index, source in enumerate(sources)}
         ranked = sorted(records.values(), key=lambda record: order.get(record["source"], len(order)))
-        temporary = self.path.with_name(f".{self.path.name}.merging-{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ranked))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ranked))
         for part in parts:
             part.unlink(missing_ok=True)
         return len(ranked)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captioner.atomic import write_atomic
 from captioner.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -125,9 +126,10 @@ def export_encoder(model: Captioner, photos: torch.Tensor) -> tuple[Path, float]
     except ImportError:
         raise ConfigError("exporting needs the onnx package: pip install 'captioner[fast]'") from None
     encoder = model.encoder.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
+    difference = float("inf")
+
+    def export_and_check(temporary: Path) -> None:
+        nonlocal difference
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on shapes it fixes (the padding arithmetic): expected
             torch.onnx.export(
@@ -135,11 +137,9 @@ def export_encoder(model: Captioner, photos: torch.Tensor) -> tuple[Path, float]
                 output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
             )  # fmt: skip
             expected = encoder(photos.cpu())
-        found = OnnxEncoder(temporary, runtime)(photos.cpu())
-        difference = float((found - expected).abs().max())
+        difference = float((OnnxEncoder(temporary, runtime)(photos.cpu()) - expected).abs().max())
         if not difference <= TOLERANCE:
             raise ConfigError(f"the exported encoder's features differ from PyTorch's by {difference:.2g} (over {TOLERANCE}): not kept")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    write_atomic(path, export_and_check)  # a file that fails the check is removed, an earlier export kept
     return path, difference

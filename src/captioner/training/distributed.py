@@ -1,8 +1,9 @@
 """DDP plumbing for ``torchrun``: nothing home-made, just the environment torchrun sets.
 
-Under ``torchrun --nproc-per-node N -m captioner train ...`` the variables RANK, WORLD_SIZE and
-LOCAL_RANK are set; the process group uses NCCL on GPUs and gloo on CPUs. Without them, training runs
-in a single process and every helper here is a no-op.
+Under ``torchrun --nproc-per-node N -m captioner train ...`` (or ``... caption ...``, which shares
+the images out) the variables RANK, WORLD_SIZE and LOCAL_RANK are set; the process group uses NCCL
+on GPUs and gloo on CPUs. Without them, the command runs in a single process and every helper here
+is a no-op.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 import torch.distributed as dist
 
 from captioner.device import resolve_device
+from captioner.errors import ConfigError
+
+MAX_PROCESSES = 4096  # torchrun's WORLD_SIZE
 
 
 @dataclass
@@ -78,9 +82,12 @@ def setup(device_name: str, timeout_minutes: float = 180) -> tuple[Distributed, 
     feature cache or validates, which on a large set (COCO on CPUs: most of an hour) outlasts
     PyTorch's default (30 minutes for gloo, 10 for NCCL).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world_size, rank, local_rank = (int(os.environ.get(name, default)) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
+    if not 0 <= rank < world_size <= MAX_PROCESSES or local_rank < 0:
+        raise ConfigError(f"RANK {rank} of WORLD_SIZE {world_size}: RANK must be from 0 to WORLD_SIZE - 1, WORLD_SIZE from 1 to {MAX_PROCESSES}")
     device = resolve_device(device_name, local_rank=local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
