@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# PyTorch's own thread count in every phase, however busy the machine: a call's numbers then compare
+# exactly with another call's (int8 decoding rounds each call's inputs, and sums in another order
+# can tip that rounding). Choosing threads by the load is tested in test_threads.py.
+os.environ.setdefault("CAPTIONER_THREADS", "torch")
 # An empty cache of our own (exported encoders): what a user exported never changes what tests see.
 os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-test-cache-")
 
