@@ -332,6 +332,39 @@ def test_the_search_stops_when_every_image_is_done_however_long_max_length_is(al
     assert found[20] == found[100] and found[20][1] < 20
 
 
+def test_a_finished_images_rows_leave_the_batch_and_the_others_captions_do_not_change():
+    model = make_model("attention", seed=2, scale=3.0)
+    features = features_for(model, batch=5) * torch.tensor([0.1, 1, 3, 10, 30]).view(5, 1, 1)
+    rows = []
+    step = model.decoder.step
+    model.decoder.step = lambda tokens, state: (rows.append(tokens.shape[0]), step(tokens, state))[1]
+    settings = dict(strategy="beam", beam_size=3, num_return=2, max_length=10)
+    batched = model.generate(features, **settings)
+    lengths = {len(captions[0].tokens) for captions in batched}
+    assert len(lengths) > 1  # the images finish at different steps
+    assert rows[0] == 5 * 3 and rows == sorted(rows, reverse=True) and rows[-1] < rows[0]
+    assert all(r % 3 == 0 for r in rows)  # whole images leave, with all their beams
+    for image in range(5):
+        alone = model.generate(features[image : image + 1], **settings)[0]
+        assert [c.tokens for c in alone] == [c.tokens for c in batched[image]]
+        assert [c.log_prob for c in alone] == pytest.approx([c.log_prob for c in batched[image]], abs=1e-5)
+
+
+def test_images_with_fewer_constraints_search_fewer_beams():
+    from captioner.decoding import generate
+
+    model = make_model("attention", seed=13, words=("a", "b", "c", "d", "e", "f"), scale=2.0)
+    features = features_for(model, batch=3, seed=4)
+    index = model.vocab.index
+    rows = []
+    step = model.decoder.step
+    model.decoder.step = lambda tokens, state: (rows.append(tokens.shape[0]), step(tokens, state))[1]
+    config = GenerationConfig(strategy="beam", beam_size=2, num_return=1, max_length=6)
+    generate(model.decoder, features, model.vocab, config, constraints=[[[index["f"]], [index["a"]]], [], []])
+    # two searches: the image with 2 constraints (4 states x 2 beams), then the two with none (2 beams each)
+    assert 1 * 4 * 2 in rows and 2 * 2 in rows and max(rows) == 8
+
+
 def test_the_heuristic_stops_sooner_than_the_exact_search_and_finds_what_it_found_first():
     model = ending_model()
     features = features_for(model, batch=8)

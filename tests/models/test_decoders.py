@@ -82,6 +82,24 @@ def test_seq_per_img_equals_repeating_the_features():
     assert torch.allclose(shared, repeated, atol=1e-6)
 
 
+def test_the_attention_is_the_papers_tanh_formula_and_reads_one_copy_of_each_image():
+    model = make_model("attention", words=WORDS)
+    attention = model.decoder.attention
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 7, model.decoder.feature_dim, generator=generator)  # 2 images
+    hidden = torch.randn(6, model.config.decoder.hidden_dim, generator=generator)  # 3 looks at each
+    with torch.no_grad():
+        context, alpha = attention(features, attention.project(features), hidden)
+        repeated = features.repeat_interleave(3, dim=0)  # the same, each image copied per look
+        energy = attention.score(torch.tanh(attention.feature_proj(repeated) + attention.hidden_proj(hidden).unsqueeze(1))).squeeze(2)  # Xu et al. eq. 4
+    assert torch.allclose(alpha, torch.softmax(energy, dim=1), atol=1e-6)
+    assert torch.allclose(context, (alpha.unsqueeze(2) * repeated).sum(dim=1), atol=1e-5)
+    again, _ = attention(repeated, attention.project(repeated), hidden)
+    assert torch.allclose(again, context, atol=1e-6)
+    with pytest.raises(ConfigError, match="7 rows cannot be shared evenly by 2 images"):
+        attention(features, attention.project(features), hidden[:1].repeat(7, 1))
+
+
 def test_deep_output_and_dropout_train_mode():
     model = make_model("attention", words=WORDS, deep_output=True, dropout=0.5)
     features, captions, lengths = batch(model)

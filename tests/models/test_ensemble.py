@@ -55,6 +55,26 @@ def test_a_flipped_view_of_mirrored_features_is_the_model_itself(strategy):
     assert not torch.allclose(expected[0][0].attention, mirror(expected[0][0].attention), atol=1e-3)
 
 
+def test_an_ensembles_image_state_kept_once_per_image_steps_as_if_copied_per_beam():
+    from captioner.models.decoder import select_state
+
+    first, second = make_model("attention", seed=1, scale=2.0, pretrained=True), make_model("attention", seed=2, scale=2.0, pretrained=True, hidden_dim=16)
+    ensemble = Captioner.ensemble([first, second], views=("plain", "flip")).decoder
+    features = grid_features(first, batch=2)
+    beams = torch.tensor([0, 0, 0, 1, 1, 1])  # 3 beams on each of 2 images
+    state = ensemble.init_state(torch.cat([features, mirrored(features)], dim=1))
+    shared = select_state(state, beams, keep=ensemble.image_constant_keys)
+    copied = select_state(state, beams)
+    assert shared["0.features"].shape[0] == 2 and copied["0.features"].shape[0] == 6
+    tokens = torch.tensor([1, 4, 5, 1, 6, 4])
+    with torch.no_grad():
+        for _ in range(3):
+            (log_probs, shared, alpha), (expected, copied, expected_alpha) = ensemble.step(tokens, shared), ensemble.step(tokens, copied)
+            assert torch.allclose(log_probs, expected, atol=1e-5) and torch.allclose(alpha, expected_alpha, atol=1e-6)
+            tokens = log_probs.argmax(dim=1)
+    assert shared["1.h"].shape == copied["1.h"].shape == (6, 2, 16) and shared["1.projected"].shape[0] == 2
+
+
 def test_two_models_average_their_probabilities_at_every_step():
     first, second = make_model("attention", seed=1, scale=2.0, pretrained=True), make_model("attention", seed=2, scale=2.0, pretrained=True, hidden_dim=16)
     features = grid_features(first, batch=2)

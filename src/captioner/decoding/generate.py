@@ -17,7 +17,7 @@ forcing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -177,7 +177,6 @@ class Constraints:
 
     per_image: list[list[frozenset[int]]]
     banned: list[frozenset[int]] = field(default_factory=list)  # per image (empty: none)
-    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for constraints in self.per_image:
@@ -206,23 +205,33 @@ class Constraints:
                 bits[image, sorted(words)] |= 1 << i
         return bits.to(device)
 
-    def mask_logits(self, logits: torch.Tensor, vocab: Vocabulary, rows_per_image: int) -> torch.Tensor:
-        """Logits (B * rows_per_image, V), -inf for each image's banned words, and for the added words
-        except where the image's constraints name them."""
-        start = vocab.extension_start if vocab.extension_start is not None else logits.shape[1]
-        if start >= logits.shape[1] and not any(self.banned):
-            return logits
-        key = (logits.shape[1], rows_per_image, logits.device)
-        if key not in self._masks:  # the same at every step of a search: made once
-            blocked = torch.zeros(len(self.per_image), logits.shape[1], dtype=torch.bool)
-            blocked[:, start:] = True
-            for image, constraints in enumerate(self.per_image):
-                for words in constraints:
-                    blocked[image, sorted(words)] = False
-                if self.banned and self.banned[image]:
-                    blocked[image, sorted(self.banned[image])] = True
-            self._masks[key] = blocked.to(logits.device).repeat_interleave(rows_per_image, dim=0)  # (rows, V)
-        return logits.masked_fill(self._masks[key], -math.inf)
+    def blocked_words(self, vocab: Vocabulary, device: torch.device) -> torch.Tensor | None:
+        """(B, V) bool, True for each image's banned words and for the added words except where the
+        image's constraints name them; None when nothing is blocked."""
+        size = len(vocab)
+        start = vocab.extension_start if vocab.extension_start is not None else size
+        if start >= size and not any(self.banned):
+            return None
+        blocked = torch.zeros(len(self.per_image), size, dtype=torch.bool)
+        blocked[:, start:] = True
+        for image, constraints in enumerate(self.per_image):
+            for words in constraints:
+                blocked[image, sorted(words)] = False
+            if self.banned and self.banned[image]:
+                blocked[image, sorted(self.banned[image])] = True
+        return blocked.to(device)
+
+    def of_images(self, images: list[int]) -> Constraints:
+        """The constraints of these images only, in this order."""
+        return Constraints([self.per_image[i] for i in images], [self.banned[i] for i in images] if self.banned else [])
+
+
+def _masked(logits: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B * r, V), r rows per image, with each image's blocked words (B, V) at -inf."""
+    if blocked is None:
+        return logits
+    rows, size = logits.shape
+    return logits.view(blocked.shape[0], -1, size).masked_fill(blocked.unsqueeze(1), -math.inf).view(rows, size)
 
 
 def length_penalty(scored_tokens: int, alpha: float) -> float:
@@ -264,11 +273,29 @@ def generate(
     try:
         with torch.inference_mode():
             if config.strategy == "beam":
-                return _beam_search(decoder, vocab, features.float(), config, required)
+                return _by_constraint_count(features.float(), required, lambda part, rules: _beam_search(decoder, vocab, part, config, rules))
             search = {"greedy": _greedy, "sample": _sample}[config.strategy]
             return search(decoder, vocab, features.float(), config, required)
     finally:
         decoder.train(was_training)
+
+
+def _by_constraint_count(
+    features: torch.Tensor, constraints: Constraints, search: Callable[[torch.Tensor, Constraints], list[list[Caption]]]
+) -> list[list[Caption]]:
+    """One search per number of constraints, results in the images' order: an image with m
+    constraints searches 2^m beams of k, so an image with none beside one with some would otherwise
+    carry k dead beams per state it can never be in."""
+    groups: dict[int, list[int]] = {}
+    for image, image_constraints in enumerate(constraints.per_image):
+        groups.setdefault(len(image_constraints), []).append(image)
+    if len(groups) == 1:
+        return search(features, constraints)
+    results: list[list[Caption]] = [[] for _ in constraints.per_image]
+    for images in groups.values():
+        for image, found in zip(images, search(features[images], constraints.of_images(images))):
+            results[image] = found
+    return results
 
 
 # ----- shared pieces ------------------------------------------------------------------------
@@ -349,6 +376,7 @@ def _stack_attention(steps: list[torch.Tensor]) -> torch.Tensor | None:
 def _greedy(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config: GenerationConfig, rules: Constraints) -> list[list[Caption]]:
     batch, device = features.shape[0], features.device
     state = decoder.init_state(features)
+    blocked = rules.blocked_words(vocab, device)  # (B, V) or None
     tokens = torch.full((batch,), vocab.start_id, dtype=torch.long, device=device)
     history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, t)
     alphas: list[torch.Tensor] = []  # per step (B, P)
@@ -357,7 +385,7 @@ def _greedy(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
     lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, rules.mask_logits(logits, vocab, 1), history, config)  # (B, V)
+        log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (B, V)
         if t == config.max_length:  # no room for another word: only <end> can still finish a caption
             ends = ~finished & (log_probs.argmax(dim=1) == vocab.end_id)
             total = torch.where(ends, total + log_probs[:, vocab.end_id], total)
@@ -409,6 +437,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
     now (Hugging Face's default: the steps no longer grow with max_length). Without a length penalty
     both are exact. Beams still alive at max_length give one hypothesis each: finished if <end> is
     their most likely next token, else unfinished; so a model that never says <end> still gets captions.
+    A done image's rows leave the batch: the steps after it work only for the images still searching.
     """
     k, alpha = config.beam_size, config.length_penalty
     batch, device = features.shape[0], features.device
@@ -418,7 +447,8 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
     rows = groups * k
     state_of_row = torch.arange(states, device=device).repeat_interleave(k)  # (S*k,) within an image
     word_states = constraints.word_states(len(vocab), device)  # (B, V) the constraints each word meets, as bits
-    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(states * k))  # (B*S*k, ...)
+    blocked = constraints.blocked_words(vocab, device)  # (B, V) or None
+    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(states * k), keep=decoder.image_constant_keys)  # (B*S*k, ...)
     scores = features.new_full((batch, states, k), -math.inf)  # (B, S, k) log-probability of each beam
     scores[torch.arange(batch), torch.tensor(constraints.initial_states()), 0] = 0.0  # one beam starts, the others are copies of it
     tokens = torch.full((rows,), vocab.start_id, dtype=torch.long, device=device)
@@ -426,6 +456,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
     attention: torch.Tensor | None = None  # (B*S*k, t, P) once the decoder has given a map
     pools: list[list[list[tuple[float, float, list[int], torch.Tensor | None, bool]]]] = [[[] for _ in range(states)] for _ in range(batch)]
     done = [False] * batch
+    searching = list(range(batch))  # the images still searched, in row order: the tensors hold only theirs
     keep_attention = config.return_attention and decoder.has_attention
 
     def add(image: int, into: int, log_prob: float, words: list[int], row_attention: torch.Tensor | None, finished: bool) -> None:
@@ -440,7 +471,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
 
     for t in range(config.max_length + 1):
         logits, state, alpha_t = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, constraints.mask_logits(logits, vocab, states * k), history, config)  # (B*S*k, V)
+        log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (B*S*k, V)
         vocab_size = log_probs.shape[1]
         if t == config.max_length:
             # No room for another word. Each live beam gives one hypothesis in its state's pool:
@@ -448,8 +479,8 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
             ends_here = (log_probs.argmax(dim=1) == vocab.end_id).tolist()  # (B*S*k,)
             end_log_probs = log_probs[:, vocab.end_id].tolist()
             beam_scores, words = scores.view(-1).tolist(), history.tolist()  # one copy from the device, not one per beam
-            for row in range(rows):
-                image, into = row // (states * k), (row // k) % states
+            for row in range(len(beam_scores)):
+                image, into = searching[row // (states * k)], (row // k) % states
                 if done[image] or not math.isfinite(beam_scores[row]):
                     continue
                 if ends_here[row]:
@@ -472,10 +503,10 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
             finished_at = finishing.nonzero().tolist()
             if finished_at:
                 finished_scores, finished_origin = top_scores.tolist(), origin.tolist()
-                for image, position in finished_at:
-                    if not done[image]:
-                        row = image * states * k + finished_origin[image][position]
-                        add(image, into, finished_scores[image][position], history[row].tolist(), row_attention(row), True)
+                for i, position in finished_at:
+                    if not done[searching[i]]:
+                        row = i * states * k + finished_origin[i][position]
+                        add(searching[i], into, finished_scores[i][position], history[row].tolist(), row_attention(row), True)
             # The k best extensions by a word become the state's next beams (at most k of the 2k are
             # ends: only its own k beams can end into a state).
             live = ~is_end
@@ -489,15 +520,14 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
         state = select_state(state, origins, keep=decoder.image_constant_keys)  # beams never leave their image
         history = torch.cat([history[origins], tokens.unsqueeze(1)], dim=1)
         if keep_attention and alpha_t is not None:
-            previous = attention[origins] if attention is not None else alpha_t.new_zeros(rows, 0, alpha_t.shape[1])
+            previous = attention[origins] if attention is not None else alpha_t.new_zeros(origins.shape[0], 0, alpha_t.shape[1])
             attention = torch.cat([previous, alpha_t[origins].unsqueeze(1)], dim=1)
         # An image is done once its final pool is full and no live beam, in any state, can still beat its worst.
         best_lives = scores.view(batch, -1).max(dim=1).values.tolist()  # (B,), one copy from the device per step
-        for image in range(batch):
+        for image, best_live in zip(searching, best_lives):
             pool = pools[image][final]
             if done[image] or len(pool) < k:
                 continue
-            best_live = best_lives[image]
             # A live beam's log-probability only falls; its score is at best divided by the largest
             # length penalty it can still get (lp is monotone in length, so an end decides).
             longest = config.max_length + 1 if config.early_stopping == "exact" else t + 1
@@ -507,6 +537,15 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
                 done[image] = True
         if all(done):
             break
+        if any(done[image] for image in searching):  # the finished images' rows leave: each step works only for the images still searching
+            still = [i for i, image in enumerate(searching) if not done[image]]
+            kept = torch.tensor(still, device=device)
+            kept_rows = (kept.view(-1, 1) * (states * k) + torch.arange(states * k, device=device)).view(-1)
+            state = {key: value.index_select(0, kept if key in decoder.image_constant_keys else kept_rows) for key, value in state.items()}
+            tokens, history, scores, word_states = tokens[kept_rows], history[kept_rows], scores[kept], word_states[kept]
+            attention = attention[kept_rows] if attention is not None else None
+            blocked = blocked[kept] if blocked is not None else None
+            searching, batch = [searching[i] for i in still], len(still)
     results = []
     for image_pools, image_constraints in zip(pools, constraints.per_image):
         met = bool(image_pools[final])
@@ -531,7 +570,8 @@ def _sample(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
         generator.manual_seed(config.seed)
     else:
         generator.seed()
-    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(n))
+    state = select_state(decoder.init_state(features), torch.arange(batch, device=device).repeat_interleave(n), keep=decoder.image_constant_keys)  # (B*n, ...)
+    blocked = rules.blocked_words(vocab, device)  # (B, V) or None
     tokens = torch.full((rows,), vocab.start_id, dtype=torch.long, device=device)
     history = torch.zeros(rows, 0, dtype=torch.long, device=device)
     alphas: list[torch.Tensor] = []  # per step (rows, P)
@@ -540,7 +580,7 @@ def _sample(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
     lengths = torch.full((rows,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
         logits, state, alpha = decoder.step(tokens, state)
-        log_probs = _log_probs(vocab, rules.mask_logits(logits, vocab, n), history, config)  # (rows, V) the model's own
+        log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (rows, V) the model's own
         if t == config.max_length:  # only <end> is still possible: sample whether to stop here
             end_probability = _filtered_probs(log_probs, config)[:, vocab.end_id]
             ends = ~finished & (torch.rand(rows, generator=generator, device=device) < end_probability)

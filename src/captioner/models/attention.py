@@ -5,12 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from captioner.models.decoder import rows_per_image
+
+#: The (B, n, P, A) grid is summed and squashed an image (or a few) at a time, in pieces of about
+#: this many floats (1 MiB): a piece stays in the cache and its memory is reused, where the whole grid
+#: at batch 32 (64 MB) was a fresh allocation at every step, 2.6x the time of the pieces.
+CHUNK_ELEMENTS = 2**18
+
 
 class SoftAttention(nn.Module):
     """e_p = w . tanh(W_f f_p + W_h h); alpha = softmax(e) over the P regions; context = sum_p alpha_p f_p.
 
     The feature projection ``W_f f`` does not depend on the step: :meth:`project` computes it once
-    per image and every step reuses it.
+    per image and every step reuses it. Several hidden states may look at one image (the beams of a
+    beam search): hidden (B * n, H) against features (B, P, D), rows i*n .. (i+1)*n-1 on image i, n
+    derived from the shapes, so the image's features are neither copied per beam nor read once per
+    beam.
+
+    The P x A tanh is most of a decoding step's arithmetic; it is computed as a sigmoid, the same
+    function (tanh z = 2 sigmoid(2z) - 1, so w . tanh z + b = 2w . sigmoid(2z) + b - sum(w)) at a
+    quarter of the time at batch 1 and half at batch 32 on a CPU; :meth:`project` gives 2 W_f f.
     """
 
     step_matrices = ("hidden_proj",)  # run at every word (int8 decoding computes these in int8)
@@ -22,11 +36,20 @@ class SoftAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.feature_proj(features)  # (B, P, D) -> (B, P, A)
+        """Features (B, P, D) -> 2 W_f f (B, P, A), what :meth:`forward` takes as ``projected``."""
+        return self.feature_proj(features) * 2
 
     def forward(self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, P, D), projected (B, P, A), hidden (B, H) -> context (B, D), alpha (B, P)."""
-        energy = self.score(torch.tanh(projected + self.hidden_proj(hidden).unsqueeze(1))).squeeze(2)  # (B, P)
-        alpha = torch.softmax(energy, dim=1)  # (B, P), sums to 1 over regions
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
+        """features (B, P, D), projected (B, P, A), hidden (B * n, H) -> context (B * n, D), alpha (B * n, P)."""
+        images, regions = features.shape[:2]
+        looks = rows_per_image(hidden.shape[0], images)
+        query = (self.hidden_proj(hidden) * 2).view(images, looks, 1, -1)  # (B, n, 1, A)
+        weight, offset = self.score.weight[0] * 2, self.score.bias - self.score.weight.sum()
+        per_chunk = max(1, CHUNK_ELEMENTS // projected[0].numel() // looks)  # images per piece of the (B, n, P, A) grid
+        energy = torch.cat([
+            torch.matmul(torch.sigmoid_(projected[start : start + per_chunk].unsqueeze(1) + query[start : start + per_chunk]), weight)  # sigmoid(2z) = (1 + tanh z) / 2
+            for start in range(0, images, per_chunk)
+        ]) + offset  # (B, n, P)
+        alpha = torch.softmax(energy.view(-1, regions), dim=1)  # (B * n, P), sums to 1 over regions
+        context = torch.bmm(alpha.view(images, looks, regions), features).view(hidden.shape[0], -1)  # (B * n, D)
         return context, alpha

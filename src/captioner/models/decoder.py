@@ -3,7 +3,9 @@
 A decoder turns image features (B, P, D) into words. Training calls ``forward`` (teacher forcing);
 decoding calls ``init_state`` once per image and then ``step`` once per generated word, reordering
 the state between steps for beam search. The state is a plain ``dict`` of tensors whose first
-dimension is the batch, so one function reorders or expands any decoder's state.
+dimension is the batch, so one function reorders or expands any decoder's state. Entries that
+depend only on the image (``image_constant_keys``) may keep one row per image while the others have
+one per beam: B images x k beams, each image's k rows together; the step derives k from the shapes.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class Decoder(nn.Module):
     vocab_size: int
     feature_dim: int
     has_attention: bool = False
-    #: State entries that depend only on the image (not on the words so far): beam reordering, which
-    #: only moves rows among one image's beams, leaves them in place instead of copying them.
+    #: State entries that depend only on the image (not on the words so far). Decoding keeps them at
+    #: one row per image, (B, ...), while the other entries have a row per beam, (B * k, ...): never
+    #: copied per beam, and left in place when beams are reordered (rows only move within an image).
     image_constant_keys: tuple[str, ...] = ()
     #: Child modules (Linear, LSTM, LSTMCell) run at every step, not once per image: what int8
     #: decoding computes in int8 (see :mod:`captioner.models.int8_compute`).
@@ -79,7 +82,10 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
-        """Feed one word per row: tokens (B,) -> logits (B, V), next state, attention (B, P) or None."""
+        """Feed one word per row: tokens (R,) -> logits (R, V), next state, attention (R, P) or None.
+
+        R = B * k rows for the B rows of the ``image_constant_keys`` entries (k = 1 when they were
+        expanded like the rest)."""
         raise NotImplementedError
 
     def forward(
@@ -147,9 +153,14 @@ def select_state(state: DecoderState, index: torch.Tensor, *, keep: tuple[str, .
 
 def captions_per_image(features: torch.Tensor, captions: torch.Tensor) -> int:
     """How many captions each image brings, from the shapes: captions (N * k, T) for features (N, P, D)."""
-    images, rows = features.shape[0], captions.shape[0]
+    return rows_per_image(captions.shape[0], features.shape[0])
+
+
+def rows_per_image(rows: int, images: int) -> int:
+    """k where ``rows`` = images * k, rows i*k .. (i+1)*k-1 on image i (its captions, beams or
+    samples), derived from the shapes as ruotianluo's AttModel derives seq_per_img."""
     if images == 0 or rows % images:
-        raise ConfigError(f"{rows} captions cannot be shared evenly by {images} images")
+        raise ConfigError(f"{rows} rows cannot be shared evenly by {images} images")
     return rows // images
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, rows_per_image
 
 VIEWS = ("plain", "flip")
 
@@ -70,8 +70,9 @@ def mirror(attention: torch.Tensor) -> torch.Tensor:
 class EnsembleDecoder(Decoder):
     """Every decoder on every view; the members' distributions averaged at each step.
 
-    Each decoder runs once per step for all views: its state holds the views side by side, (B, V, ...)
-    (one row per image, so beam search moves them together), flattened to (B * V, ...) for the step.
+    Each decoder runs once per step for all views: its state holds the views side by side, (R, V, ...)
+    (one row per beam, so beam search moves them together; (B, V, ...) for its per-image entries),
+    given to the decoder as B * V images with their k = R / B beams each.
     One call over twice the rows reads the decoder's weights once, where one call per view read them
     twice: at batch 1, reading weights is most of a step's time.
     """
@@ -119,19 +120,33 @@ class EnsembleDecoder(Decoder):
         return state
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
-        batch, views = tokens.shape[0], len(self.views)
+        rows, views = tokens.shape[0], len(self.views)
+        images = next((state[key].shape[0] for key in self.image_constant_keys if key in state), rows)
+        beams = rows_per_image(rows, images)  # state (R, V, ...) per beam, (B, V, ...) per image; R = B * k
+
+        def to_member(value: torch.Tensor, per_image: bool) -> torch.Tensor:
+            """(B, V, ...) -> (B*V, ...); (R, V, ...) -> (B*V*k, ...): each (image, view)'s k beams together."""
+            if per_image:
+                return value.flatten(0, 1)
+            return value.view(images, beams, views, *value.shape[2:]).transpose(1, 2).flatten(0, 2)
+
+        def from_member(value: torch.Tensor, per_image: bool) -> torch.Tensor:
+            if per_image:
+                return value.view(images, views, *value.shape[1:])
+            return value.view(images, views, beams, *value.shape[1:]).transpose(1, 2).reshape(rows, views, *value.shape[1:])
+
         log_probs, attentions, next_state = [], [], {}
-        every_view = tokens.repeat_interleave(views)  # (B * V,)
+        every_view = tokens.view(images, 1, beams).expand(images, views, beams).reshape(-1)  # (B*V*k,)
         for d, member in enumerate(self.members):
             prefix = f"{d}."
-            own = {key[len(prefix) :]: value.flatten(0, 1) for key, value in state.items() if key.startswith(prefix)}
+            own = {key[len(prefix) :]: to_member(value, key in self.image_constant_keys) for key, value in state.items() if key.startswith(prefix)}
             logits, own, alpha = member.step(every_view, own)
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1).view(batch, views, -1))  # (B, V, vocab)
+            log_probs.append(from_member(torch.log_softmax(logits.float(), dim=-1), False))  # (R, V, vocab)
             if alpha is not None:
-                attentions.append(self._seen_mean(alpha.view(batch, views, -1)))  # (B, P)
-            next_state.update({prefix + key: value.reshape(batch, views, *value.shape[1:]) for key, value in own.items()})
-        members = torch.cat(log_probs, dim=1)  # (B, M * V, vocab)
-        mean = torch.logsumexp(members, dim=1) - math.log(members.shape[1])  # (B, vocab) log of the mean probability
+                attentions.append(self._seen_mean(from_member(alpha, False)))  # (R, P)
+            next_state.update({prefix + key: from_member(value, prefix + key in self.image_constant_keys) for key, value in own.items()})
+        members = torch.cat(log_probs, dim=1)  # (R, M * V, vocab)
+        mean = torch.logsumexp(members, dim=1) - math.log(members.shape[1])  # (R, vocab) log of the mean probability
         return mean, next_state, torch.stack(attentions).mean(dim=0) if self.has_attention else None
 
     def forward(
