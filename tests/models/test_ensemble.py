@@ -116,6 +116,25 @@ def test_images_are_encoded_once_per_view():
     assert torch.equal(features, torch.cat([plain, mirror_image], dim=1))
 
 
+def test_a_big_batch_is_encoded_in_pieces_on_a_cpu_and_whole_in_training():
+    from captioner.models import captioner as captioner_module
+
+    model = Captioner.ensemble([make_model("attention", seed=1, pretrained=False)], views=("plain", "flip"))
+    images = torch.rand(7, 3, 64, 64)  # 14 views: pieces of 8 and 6
+    calls = []
+    encoder_forward = model.encoder.forward
+    model.encoder.forward = lambda x: (calls.append(x.shape[0]), encoder_forward(x))[1]
+    with torch.no_grad():
+        together = model.encode(images)
+        alone = torch.cat([model.encode(images[i : i + 1]) for i in range(7)])
+    assert calls[:2] == [captioner_module.CPU_ENCODER_PIECE, 14 - captioner_module.CPU_ENCODER_PIECE] and calls[2:] == [2] * 7
+    assert torch.allclose(together, alone, atol=1e-5)
+    calls.clear()
+    model.encoder.train()
+    model.encode(images)
+    assert calls == [14]  # batch norm in training mode sees the whole batch
+
+
 def test_what_cannot_be_an_ensemble_is_refused():
     model = make_model("attention", seed=1, pretrained=True)
     with pytest.raises(ConfigError, match="two decoders or a second view"):
