@@ -4,8 +4,9 @@
 :meth:`captioner.models.captioner.Captioner.generate` encodes images and calls it. All strategies
 run B images (x k beams, or x n samples) as one tensor batch per step. The decoder's per-image work
 (the attention projection of the features) is done once in ``init_state``; beams and samples share
-it by row selection. Attention maps are over the regions the decoder reports (their count comes
-from the maps' shape).
+it without copies (those state entries keep one row per image, see
+:attr:`~captioner.models.decoder.Decoder.image_constant_keys`). Attention maps are over the
+regions the decoder reports (their count comes from the maps' shape).
 
 Scores are the model's own log-probabilities: ``log_softmax`` of the logits over the whole
 vocabulary. Tokens that may never be generated (<pad>, <start>, and <end> before ``min_length``) are
