@@ -5,7 +5,7 @@ import torch
 
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
-from captioner.models.decoder import DecoderConfig
+from captioner.models.decoder import DecoderConfig, take_rows
 from captioner.models.embeddings import load_word_vectors
 from conftest import make_model, make_vocab
 
@@ -144,3 +144,12 @@ def test_glove_vectors_load_into_the_embedding(tmp_path):
         load_word_vectors(word2vec, vocab, 4)
     with pytest.raises(ConfigError, match="does not exist"):
         load_word_vectors(tmp_path / "none.txt", vocab, 4)
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 5), (7, 2, 3, 4)])
+def test_take_rows_is_index_select_on_the_first_axis(shape):
+    value = torch.randn(shape)
+    index = torch.tensor([6, 0, 0, 3])  # reordered, repeated, some rows dropped
+    taken = take_rows(value, index)
+    assert taken.shape == (4, *shape[1:])
+    assert torch.equal(taken, value.index_select(0, index))

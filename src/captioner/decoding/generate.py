@@ -27,7 +27,7 @@ import torch
 from captioner import ranges
 from captioner.errors import ConfigError
 from captioner.limits import DEFAULT_BEAM_SIZE, MAX_BEAM_SIZE, MAX_CONSTRAINTS, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, MAX_NUM_RETURN, MAX_VOCABULARY
-from captioner.models.decoder import select_state
+from captioner.models.decoder import select_state, take_rows
 
 if TYPE_CHECKING:
     from captioner.data.vocabulary import Vocabulary
@@ -542,7 +542,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
             still = [i for i, image in enumerate(searching) if not done[image]]
             kept = torch.tensor(still, device=device)
             kept_rows = (kept.view(-1, 1) * (states * k) + torch.arange(states * k, device=device)).view(-1)
-            state = {key: value.index_select(0, kept if key in decoder.image_constant_keys else kept_rows) for key, value in state.items()}
+            state = {key: take_rows(value, kept if key in decoder.image_constant_keys else kept_rows) for key, value in state.items()}
             tokens, history, scores, word_states = tokens[kept_rows], history[kept_rows], scores[kept], word_states[kept]
             attention = attention[kept_rows] if attention is not None else None
             blocked = blocked[kept] if blocked is not None else None

@@ -148,7 +148,16 @@ def select_state(state: DecoderState, index: torch.Tensor, *, keep: tuple[str, .
     Entries named in ``keep`` are returned as they are: pass a decoder's ``image_constant_keys``
     when ``index`` only permutes rows among the beams of each image.
     """
-    return {key: value if key in keep else value.index_select(0, index) for key, value in state.items()}
+    return {key: value if key in keep else take_rows(value, index) for key, value in state.items()}
+
+
+def take_rows(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``value`` along its first axis. Copied through a 2-D view: PyTorch's CPU
+    ``index_select`` copies whole rows of a matrix several times faster than those of a tensor with
+    more axes (a batch's features (B, V, P, D): 5x)."""
+    if value.dim() <= 2:
+        return value.index_select(0, index)
+    return value.reshape(value.shape[0], -1).index_select(0, index).view(index.shape[0], *value.shape[1:])
 
 
 def captions_per_image(features: torch.Tensor, captions: torch.Tensor) -> int:
