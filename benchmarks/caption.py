@@ -5,7 +5,8 @@ vs the same model decoding in float32 (the baseline: how it decoded before int8 
     python benchmarks/caption.py [--rounds 7] [--coco ../shared/data/coco_dev/images] [--out benchmarks/results/caption.json]
 
 Every side encodes with onnxruntime when the fast extra is installed and ``captioner export default``
-was run (the JSON says which), with PyTorch otherwise.
+was run (the JSON says which), with PyTorch otherwise; with onnxruntime a fourth side, the shipped
+settings encoding through PyTorch, measures what the export gives a single photo, in the same rounds.
 
 Each round captions every photo once per side, one photo per call (``model.caption(path)``: file
 decoding, preprocessing, both views through the encoder, ImageNet concepts, constrained beam search
@@ -28,12 +29,13 @@ import torch
 from captioner.models.captioner import Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
-#: side -> (decoder compute, caption keywords)
+#: side -> (decoder compute, encoder runtime, caption keywords)
 SIDES = {
-    "shipped (int8, concepts on)": ("auto", {}),
-    "baseline (float32 decoding)": ("float32", {}),
-    "int8, concepts off": ("auto", {"concept_constraints": 0}),
+    "shipped (int8, concepts on)": ("auto", "auto", {}),
+    "baseline (float32 decoding)": ("float32", "auto", {}),
+    "int8, concepts off": ("auto", "auto", {"concept_constraints": 0}),
 }
+PYTORCH_ENCODER = {"shipped, PyTorch encoder": ("auto", "torch", {})}  # a side only where the others use onnxruntime
 
 
 def main() -> int:
@@ -44,24 +46,27 @@ def main() -> int:
     args = parser.parse_args()
 
     photos = sorted((ROOT / "examples").glob("*.jpg")) + (sorted(args.coco.glob("*.jpg"))[:9] if args.coco.is_dir() else [])
-    models = {side: Captioner.load("default", decoder_compute=compute) for side, (compute, _) in SIDES.items()}
-    for side, (_, settings) in SIDES.items():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
+    sides = dict(SIDES)
+    if Captioner.load("default").encoder_runtime is not None:
+        sides.update(PYTORCH_ENCODER)
+    models = {side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in sides.items()}
+    for side, (_, _, settings) in sides.items():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
         models[side].caption(photos[0], **settings)
-    seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in SIDES}
-    captions: dict[str, list[str]] = {side: [""] * len(photos) for side in SIDES}
+    seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in sides}
+    captions: dict[str, list[str]] = {side: [""] * len(photos) for side in sides}
     for _ in range(args.rounds):
         for index, photo in enumerate(photos):
-            for side, (_, settings) in SIDES.items():
+            for side, (_, _, settings) in sides.items():
                 start = time.perf_counter()
                 result = models[side].caption(photo, **settings)
                 seconds[side][index].append(time.perf_counter() - start)
                 captions[side][index] = result.text
-    per_photo = {side: [statistics.median(times) for times in seconds[side]] for side in SIDES}
+    per_photo = {side: [statistics.median(times) for times in seconds[side]] for side in sides}
     overall = {side: statistics.median(values) for side, values in per_photo.items()}
     report = {
         "what": "warm model.caption(path) of one photo, shipped default model, beam 3; median over rounds per photo, then over photos",
-        "decoder_compute": {side: models[side].decoder_compute for side in SIDES},
-        "encoder_runtime": "onnx" if models["shipped (int8, concepts on)"].encoder_runtime is not None else "torch",  # onnx after 'captioner export default', with the fast extra
+        "decoder_compute": {side: models[side].decoder_compute for side in sides},
+        "encoder_runtime": {side: "onnx" if models[side].encoder_runtime is not None else "torch" for side in sides},  # onnx after 'captioner export default', with the fast extra
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rounds": args.rounds,
         "photos": [str(photo.relative_to(ROOT) if photo.is_relative_to(ROOT) else photo.name) for photo in photos],
