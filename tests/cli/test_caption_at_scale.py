@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_model
+from conftest import make_model, one_thread_per_process
 from test_caption_command import write_image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_process():
+    with one_thread_per_process():  # several processes share the cores here
+        yield
 
 
 @pytest.fixture(scope="module")
