@@ -54,6 +54,12 @@ def test_an_exported_encoder_gives_pytorch_s_features_and_captions(cache):
     assert [fast_int8.caption(photo).text for photo in sorted(EXAMPLES.glob("*.jpg"))] == [plain_int8.caption(photo).text for photo in sorted(EXAMPLES.glob("*.jpg"))]
 
 
+def test_the_runtime_s_threads_sleep_between_runs(cache):
+    # spinning onnxruntime workers kept the cores from the decoding after each encoder call
+    session = Captioner.load("default").encoder_runtime.session(2)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_without_an_export_pytorch_encodes_and_insisting_on_onnx_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
     assert Captioner.load("default").encoder_runtime is None

@@ -74,6 +74,10 @@ class OnnxEncoder:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3  # errors only
+            # Its worker threads sleep when a run ends instead of spinning for more work: spinning, they
+            # kept the cores from the decoding that follows the encoder (a one-photo caption took
+            # 152 ms with the export vs 143 ms with PyTorch's slower encoder; 118 ms without spinning).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 self.sessions[threads] = self.runtime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             except Exception as error:  # onnxruntime raises its own types for a damaged file
