@@ -47,9 +47,10 @@ def main() -> int:
 
     photos = sorted((ROOT / "examples").glob("*.jpg")) + (sorted(args.coco.glob("*.jpg"))[:9] if args.coco.is_dir() else [])
     sides = dict(SIDES)
-    if Captioner.load("default").encoder_runtime is not None:
-        sides.update(PYTORCH_ENCODER)
     models = {side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in sides.items()}
+    if models["shipped (int8, concepts on)"].encoder_runtime is not None:
+        sides.update(PYTORCH_ENCODER)
+        models.update({side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in PYTORCH_ENCODER.items()})
     for side, (_, _, settings) in sides.items():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
         models[side].caption(photos[0], **settings)
     seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in sides}

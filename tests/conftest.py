@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,12 +18,13 @@ os.environ.setdefault("CAPTIONER_THREADS", "torch")
 os.environ["CAPTIONER_CACHE"] = tempfile.mkdtemp(prefix="captioner-test-cache-")
 
 
-@contextlib.contextmanager
+@pytest.fixture(scope="module")
 def one_thread_per_process() -> Iterator[None]:
-    """Child processes started inside get one OpenMP thread each, as torchrun gives its ranks when
-    OMP_NUM_THREADS is unset. This file sets it to the core count for the tests' own process, which
-    children inherit: two ranks of 2 threads on 2 cores spin against each other (a 2-process
-    training took 149 s that way, 50 s with a thread each)."""
+    """For modules whose tests start several processes at once (``pytestmark =
+    pytest.mark.usefixtures("one_thread_per_process")``): their child processes get one OpenMP
+    thread each, as torchrun gives its ranks when OMP_NUM_THREADS is unset. This file sets it to the
+    core count for the tests' own process, which children inherit: two ranks of 2 threads on 2 cores
+    spin against each other (a 2-process training took 149 s that way, 50 s with a thread each)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield

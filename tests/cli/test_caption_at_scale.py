@@ -8,14 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_model, one_thread_per_process
+from conftest import make_model
 from test_caption_command import write_image
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_process():
-    with one_thread_per_process():  # several processes share the cores here
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_process")  # several processes share the cores here
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import one_thread_per_process
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_process():
-    with one_thread_per_process():  # several processes share the cores here
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_process")  # several processes share the cores here
 
 
 def torchrun(*args, timeout=600):
