@@ -114,6 +114,17 @@ def trained_shapes(tmp_path_factory):
     Trained without the doubly stochastic attention term: with captions shorter than the 49 regions,
     that term pushes every word's attention towards uniform, and these tests check where it looks.
     """
+    return train_on_shapes(tmp_path_factory.mktemp("trained_shapes"))
+
+
+@pytest.fixture(scope="session")
+def trained_hard_shapes(tmp_path_factory):
+    """The same, with hard attention (one sampled region per word in training)."""
+    return train_on_shapes(tmp_path_factory.mktemp("trained_hard_shapes"), decoder={"attention": "hard"})
+
+
+def train_on_shapes(root: Path, **overrides):
+    """800 generated images trained on for 12 epochs: (the best checkpoint, the held-out images with their shapes)."""
     import json
 
     from captioner.data.formats import read_dataset
@@ -121,10 +132,9 @@ def trained_shapes(tmp_path_factory):
     from captioner.data.synthetic import write_shapes_dataset
     from captioner.training.loop import train
 
-    root = tmp_path_factory.mktemp("trained_shapes")
     caption_files = write_shapes_dataset(root / "raw", num_images=800, seed=5, format="karpathy")
     prepare(read_dataset(caption_files), root / "prepared", PrepareOptions(min_word_freq=1, progress=False))
-    train(shapes_train_config(root / "prepared", root / "run", epochs=12, attention_regularization=0.0))
+    train(shapes_train_config(root / "prepared", root / "run", epochs=12, attention_regularization=0.0, **overrides))
     items = json.loads((root / "raw" / "shapes.json").read_text())
     held_out = [dict(item, path=root / "raw" / "images" / item["image"]) for item in items if item["split"] == "test"]
     return root / "run" / "best", held_out

@@ -163,6 +163,7 @@ def evaluate_model(
     batch_size: int = 50,
     device: str = "auto",
     decoder_compute: str = "auto",
+    hard_decoding: str | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
     """Score ``model_path`` on ``split`` at each beam size in ``beams``; write results.json and captions.jsonl."""
@@ -175,15 +176,21 @@ def evaluate_model(
     folder = resolve_model_path(model_path)
     out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
     with exclusive_writer(out_dir):
-        return _evaluate(folder, model_path, out_dir, configs, data=data, images=images, split=split, limit=limit, meteor=meteor, batch_size=batch_size, device=device, decoder_compute=decoder_compute, progress=progress)
+        return _evaluate(
+            folder, model_path, out_dir, configs, data=data, images=images, split=split, limit=limit, meteor=meteor, batch_size=batch_size, device=device,
+            decoder_compute=decoder_compute, hard_decoding=hard_decoding, progress=progress,
+        )
 
 
 def _evaluate(
     folder: Path, model_path: str, out_dir: Path, configs: dict[int, GenerationConfig], *,
-    data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, decoder_compute: str, progress: bool,
+    data: str | None, images: str | None, split: str, limit: int, meteor: bool, batch_size: int, device: str, decoder_compute: str,
+    hard_decoding: str | None, progress: bool,
 ) -> EvaluationReport:  # fmt: skip
     torch_device = resolve_device(device)
     model = Captioner.load(folder, device=torch_device, decoder_compute=decoder_compute, encoder_runtime="torch")  # features come from the cache PyTorch fills
+    if hard_decoding is not None:
+        model.read_hard_attention_as(hard_decoding)
     data = data or trained_on(folder)
     if not data:
         raise ConfigError(f"which data? {model_path} does not say what it was trained on; pass --data PREPARED_FOLDER")
@@ -215,6 +222,7 @@ def _evaluate(
         "images": count,
         "metrics": "COCO caption evaluation (pycocoevalcap: PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr-D), corpus-level, 0-100",
         "decoder_compute": model.decoder_compute,
+        **({"hard_decoding": hard_decoding} if hard_decoding is not None else {}),
         "max_length": used.max_length,
         "length_penalty": used.length_penalty,
         "no_repeat_ngram_size": used.no_repeat_ngram_size,

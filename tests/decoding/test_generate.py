@@ -23,7 +23,7 @@ def teacher_forced(model, features, tokens, finished):
     captions = torch.tensor([ids])
     lengths = torch.tensor([len(ids)])
     with torch.no_grad():
-        logits, alphas = model.decoder(features.unsqueeze(0), captions, lengths)
+        logits, alphas, _ = model.decoder(features.unsqueeze(0), captions, lengths)
     log_probs = torch.log_softmax(logits[0], dim=-1)
     total = sum(float(log_probs[t, ids[t + 1]]) for t in range(len(ids) - 1))
     return total, None if alphas is None else alphas[0, : len(tokens)]
@@ -53,7 +53,7 @@ def final_token_is_end(model, features, tokens):
     vocab = model.vocab
     ids = [vocab.start_id, *tokens, vocab.end_id]
     with torch.no_grad():
-        logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+        logits = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)])).logits
     log_probs = torch.log_softmax(logits[0, -1], dim=-1)
     log_probs[[vocab.pad_id, vocab.start_id]] = -math.inf
     return int(log_probs.argmax()) == vocab.end_id
@@ -79,7 +79,7 @@ def next_log_probs(model, features, tokens, words_so_far_min_length=1):
     vocab = model.vocab
     ids = [vocab.start_id, *tokens, vocab.pad_id]  # the last position's input is never read
     with torch.no_grad():
-        logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+        logits = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)])).logits
     log_probs = torch.log_softmax(logits[0, -1], dim=-1)
     log_probs[[vocab.pad_id, vocab.start_id, vocab.unk_id]] = -math.inf
     if len(tokens) < words_so_far_min_length:

@@ -28,7 +28,7 @@ def batch(model, images=3, seq_per_img=2, regions=7, seed=0):
 def test_forward_shapes_and_zero_padding(kind, image_input):
     model = make_model(kind, words=WORDS, image_input=image_input)
     features, captions, lengths = batch(model)
-    logits, alphas = model.decoder(features, captions, lengths)
+    logits, alphas, _ = model.decoder(features, captions, lengths)
     assert logits.shape == (6, int(lengths.max()) - 1, len(model.vocab))
     for row, length in enumerate(lengths.tolist()):
         assert logits[row, length - 1 :].abs().sum() == 0  # never computed
@@ -53,7 +53,7 @@ def test_padded_positions_do_not_change_the_loss(kind):
     mask = targets != model.vocab.pad_id
 
     def loss(inputs):
-        logits, _ = model.decoder(features, inputs, lengths)
+        logits = model.decoder(features, inputs, lengths).logits
         return torch.nn.functional.cross_entropy(logits[mask], targets[mask])
 
     assert torch.equal(loss(captions), loss(garbage))
@@ -63,7 +63,7 @@ def test_padded_positions_do_not_change_the_loss(kind):
 def test_step_by_step_equals_teacher_forcing(kind, image_input):
     model = make_model(kind, words=WORDS, image_input=image_input)
     features, captions, lengths = batch(model, seq_per_img=1)
-    logits, alphas = model.decoder(features, captions, lengths)
+    logits, alphas, _ = model.decoder(features, captions, lengths)
     state = model.decoder.init_state(features)
     for t in range(int(lengths.max()) - 1):
         step_logits, state, alpha = model.decoder.step(captions[:, t], state)
@@ -77,8 +77,8 @@ def test_step_by_step_equals_teacher_forcing(kind, image_input):
 def test_seq_per_img_equals_repeating_the_features():
     model = make_model("attention", words=WORDS)
     features, captions, lengths = batch(model, images=2, seq_per_img=3)
-    shared, _ = model.decoder(features, captions, lengths)
-    repeated, _ = model.decoder(features.repeat_interleave(3, dim=0), captions, lengths)
+    shared = model.decoder(features, captions, lengths).logits
+    repeated = model.decoder(features.repeat_interleave(3, dim=0), captions, lengths).logits
     assert torch.allclose(shared, repeated, atol=1e-6)
 
 
@@ -103,11 +103,11 @@ def test_the_attention_is_the_papers_tanh_formula_and_reads_one_copy_of_each_ima
 def test_deep_output_and_dropout_train_mode():
     model = make_model("attention", words=WORDS, deep_output=True, dropout=0.5)
     features, captions, lengths = batch(model)
-    logits, _ = model.decoder(features, captions, lengths)
+    logits = model.decoder(features, captions, lengths).logits
     assert logits.shape[-1] == len(model.vocab)
     model.train()
-    first, _ = model.decoder(features, captions, lengths)
-    second, _ = model.decoder(features, captions, lengths)
+    first = model.decoder(features, captions, lengths).logits
+    second = model.decoder(features, captions, lengths).logits
     assert not torch.equal(first, second)  # dropout is active in training
     first.sum().backward()
     assert model.decoder.embedding.weight.grad is not None

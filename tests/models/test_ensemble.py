@@ -75,8 +75,10 @@ def test_an_ensembles_image_state_kept_once_per_image_steps_as_if_copied_per_bea
     assert shared["1.h"].shape == copied["1.h"].shape == (6, 2, 16) and shared["1.projected"].shape[0] == 2
 
 
-def test_two_models_average_their_probabilities_at_every_step():
-    first, second = make_model("attention", seed=1, scale=2.0, pretrained=True), make_model("attention", seed=2, scale=2.0, pretrained=True, hidden_dim=16)
+@pytest.mark.parametrize("second_attention", [{}, {"attention": "hard", "hard_decoding": "argmax"}])
+def test_two_models_average_their_probabilities_at_every_step(second_attention):
+    # (a hard-attention member decodes at its argmax region, in the ensemble's steps as in its own teacher forcing)
+    first, second = make_model("attention", seed=1, scale=2.0, pretrained=True), make_model("attention", seed=2, scale=2.0, pretrained=True, hidden_dim=16, **second_attention)
     features = grid_features(first, batch=2)
     both = Captioner.ensemble([first, second])
     vocab = first.vocab

@@ -43,6 +43,7 @@ def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
 def test_two_processes_fine_tune_the_encoder_in_step(shapes_prepared, tmp_path):
     # Fine-tuning switches on in epoch 2: DDP must synchronise the encoder's gradients from then on
     # (every checkpoint checks that both ranks hold the same weights), and epoch 1 trains from the cache.
+    # The decoder has hard attention: each rank draws its own readings, the reward baseline is pooled.
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -50,10 +51,11 @@ def test_two_processes_fine_tune_the_encoder_in_step(shapes_prepared, tmp_path):
         "--data", str(shapes_prepared), "--out", str(out), "--batch-size", "32", "--quiet", "--epochs", "2",
         "--set", "decoder.hidden_dim=64", "--set", "decoder.embed_dim=32", "--set", "decoder.attention_dim=32",
         "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=2", "--set", "val_max_images=8",
-        "--set", "fine_tune_encoder=1", "--set", "fine_tune_from_epoch=1", "--set", "patience=0",
+        "--set", "fine_tune_encoder=1", "--set", "fine_tune_from_epoch=1", "--set", "patience=0", "--set", "decoder.attention=hard",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     epoch_one = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert epoch_one["train_captions_per_second"] > 0
     tensors = load_file(str(out / "last" / "model.safetensors"))
     assert any(name.startswith("encoder.") for name in tensors)  # the fine-tuned encoder is saved
+    assert json.loads((out / "best" / "config.json").read_text())["decoder"]["attention"] == "hard"

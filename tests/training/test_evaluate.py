@@ -54,6 +54,8 @@ def test_evaluate_defaults_and_errors(trained_run, tmp_path):
         ((str(trained_run / "best"), "--beam", "0"), "--beam must be a whole number from 1 to 100, not 0"),
         ((str(trained_run / "best"), "--data", str(tmp_path)), "not a prepared dataset"),
         ((str(trained_run / "best"), "--device", "cuda:7"), "CUDA"),
+        ((str(trained_run / "best"), "--hard-decoding", "argmax"), "no hard-attention decoder"),
+        ((str(trained_run / "best"), "--hard-decoding", "sample"), "invalid choice"),
     ]:
         result = evaluate(*args)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

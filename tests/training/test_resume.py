@@ -16,14 +16,18 @@ def weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["attention", "show_tell"])
-def test_interrupted_and_resumed_equals_uninterrupted(shapes_prepared, tmp_path, kind):
-    settings = dict(epochs=3, decoder={"kind": kind, "dropout": 0.3}, scheduled_sampling_start=1, schedule="step", lr_step_epochs=1, lr_gamma=0.7)
+@pytest.mark.parametrize("kind, attention", [("attention", "soft"), ("attention", "hard"), ("show_tell", "soft")])
+def test_interrupted_and_resumed_equals_uninterrupted(shapes_prepared, tmp_path, kind, attention):
+    # (hard attention: the readings drawn per batch, the regions sampled and the reward baseline resume too)
+    settings = dict(epochs=3, decoder={"kind": kind, "attention": attention, "dropout": 0.3}, scheduled_sampling_start=1, schedule="step", lr_step_epochs=1, lr_gamma=0.7)
     train(shapes_train_config(shapes_prepared, tmp_path / "straight", **settings))
     # stop in the middle of epoch 2 (20 batches per epoch), then resume to the end
     train(shapes_train_config(shapes_prepared, tmp_path / "broken", max_steps=27, **settings))
     state = json.loads((tmp_path / "broken" / "last" / "training_state.json").read_text())
     assert "step_in_epoch" in json.dumps(state)
+    run = dict(state["__dict__"])["run"]
+    baseline = dict(run["__dict__"])["hard_attention_baseline"]
+    assert (baseline is not None and baseline < 0) == (attention == "hard")  # a mean log-likelihood, kept for the resumed run
     train(shapes_train_config(shapes_prepared, tmp_path / "broken", **settings), resume=True)
     straight, resumed = weights(tmp_path / "straight" / "last"), weights(tmp_path / "broken" / "last")
     assert straight.keys() == resumed.keys()

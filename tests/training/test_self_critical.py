@@ -18,7 +18,7 @@ def teacher_forced_log_probs(model, features, tokens, finished):
     vocab = model.vocab
     ids = [vocab.start_id, *tokens] + ([vocab.end_id] if finished else [])
     with torch.no_grad():
-        logits, _ = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+        logits = model.decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)])).logits
     logits[0][:, [vocab.pad_id, vocab.start_id, vocab.unk_id]] = -math.inf  # never sampled: not in the policy
     log_probs = torch.log_softmax(logits[0], dim=-1)
     return [float(log_probs[t, ids[t + 1]]) for t in range(len(ids) - 1)]
@@ -133,7 +133,7 @@ def test_sampling_follows_the_sentence_rules_and_scores_the_policy_it_samples():
         # the policy: the model's distribution without the blocked words and what the rules forbid at each step
         ids = [vocab.start_id, *words] + ([vocab.end_id] if finished else [])
         with torch.no_grad():
-            logits, _ = model.decoder(features[row // 8].unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))
+            logits = model.decoder(features[row // 8].unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)])).logits
         expected = []
         for t in range(len(ids) - 1):
             step = logits[0, t].clone()

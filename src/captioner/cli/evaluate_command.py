@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="images decoded together (default 50)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     add_runtime_arguments(parser, encoder=False)  # evaluate encodes through the feature cache, always with PyTorch
+    parser.add_argument(
+        "--hard-decoding", choices=("expected", "argmax"),
+        help="a hard-attention model: read the expected feature under the attention weights, or the one at their likeliest region (default: the checkpoint's own)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             decoder_compute=args.decoder_compute,
+            hard_decoding=args.hard_decoding,
             progress=not args.quiet,
         )
     except SettingError as error:

@@ -22,6 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "  captioner train --config configs/flickr8k-attention.toml\n"
             "  captioner train --out runs/f8k --resume\n"
             "  captioner train --data data/f8k --out runs/x --set decoder.hidden_dim=1024 --set schedule=step\n"
+            "  captioner train --config configs/flickr8k-attention.toml --set decoder.attention=hard --out runs/f8k-hard\n"
             "  torchrun --nproc-per-node 4 -m captioner train --data data/coco --out runs/coco\n"
             "\nevery setting of captioner.training.config.TrainConfig can be given in the config file or with --set"
         ),

@@ -1,4 +1,5 @@
-"""Soft (additive / MLP) attention over image regions, as in Show, Attend and Tell (Xu et al. 2015)."""
+"""Attention over image regions, as in Show, Attend and Tell (Xu et al. 2015): additive (MLP) weights,
+read as their expected feature (soft attention) or as the feature at one region (hard attention)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ class SoftAttention(nn.Module):
 
     def forward(self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, P, D), projected (B, P, A), hidden (B * n, H) -> context (B * n, D), alpha (B * n, P)."""
-        images, regions = features.shape[:2]
+        alpha = self.weights(projected, hidden)
+        return self.read(features, alpha), alpha
+
+    def weights(self, projected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """projected (B, P, A), hidden (B * n, H) -> alpha (B * n, P), each row summing to 1 over the regions."""
+        images, regions = projected.shape[:2]
         looks = rows_per_image(hidden.shape[0], images)
         query = (self.hidden_proj(hidden) * 2).view(images, looks, 1, -1)  # (B, n, 1, A)
         weight, offset = self.score.weight[0] * 2, self.score.bias - self.score.weight.sum()
@@ -50,6 +56,18 @@ class SoftAttention(nn.Module):
             torch.matmul(torch.sigmoid_(projected[start : start + per_chunk].unsqueeze(1) + query[start : start + per_chunk]), weight)  # sigmoid(2z) = (1 + tanh z) / 2
             for start in range(0, images, per_chunk)
         ]) + offset  # (B, n, P)
-        alpha = torch.softmax(energy.view(-1, regions), dim=1)  # (B * n, P), sums to 1 over regions
-        context = torch.bmm(alpha.view(images, looks, regions), features).view(hidden.shape[0], -1)  # (B * n, D)
-        return context, alpha
+        return torch.softmax(energy.view(-1, regions), dim=1)  # (B * n, P), sums to 1 over regions
+
+    @staticmethod
+    def read(features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """The expected feature under alpha: features (B, P, D), alpha (B * n, P) -> context (B * n, D)."""
+        images, regions = features.shape[:2]
+        return torch.bmm(alpha.view(images, -1, regions), features).view(alpha.shape[0], -1)
+
+    @staticmethod
+    def read_at(features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """Hard attention's context: the feature at one region per row. features (B, P, D),
+        locations (B * n,) region indices -> (B * n, D)."""
+        looks = rows_per_image(locations.shape[0], features.shape[0])
+        images = torch.arange(locations.shape[0], device=locations.device) // looks
+        return features[images, locations]

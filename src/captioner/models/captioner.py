@@ -21,7 +21,7 @@ from captioner.errors import CheckpointError, ConfigError
 from captioner.limits import DEFAULT_BEAM_SIZE, MAX_CONSTRAINTS, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, MAX_VOCABULARY
 from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, open_checkpoint, quantize_int8, save_checkpoint
 from captioner.models.concepts import concept_vocabulary
-from captioner.models.decoder import Decoder, DecoderConfig
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
 from captioner.threads import phase_threads
@@ -267,10 +267,25 @@ class Captioner(nn.Module):
         combined.decoder_compute, combined.encoder_runtime = first.decoder_compute, first.encoder_runtime
         return combined.eval()
 
-    def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         """Teacher-forced logits (B, T-1, V) (+ attention) for images (N, 3, H, W) and their captions
         (B = N * captions per image, each image's captions in consecutive rows)."""
         return self.decoder(self.encode(images), captions, lengths)
+
+    def read_hard_attention_as(self, reading: str) -> None:
+        """Decode this model's hard-attention decoders with the "expected" feature under their weights
+        or the feature at the "argmax" region (each checkpoint's own choice is its config.json's
+        ``hard_decoding``)."""
+        from captioner.models.decoder import HARD_DECODING
+
+        if reading not in HARD_DECODING:
+            raise ConfigError(f"hard attention decodes with one of {', '.join(HARD_DECODING)}, not {reading!r}")
+        decoders = self.decoder.members if isinstance(self.decoder, EnsembleDecoder) else [self.decoder]
+        hard = [decoder for decoder in decoders if decoder.config.attention == "hard"]
+        if not hard:
+            raise ConfigError("this model has no hard-attention decoder: how it reads the image is not a choice")
+        for decoder in hard:
+            decoder.config.hard_decoding = reading
 
     # ----- captioning images -------------------------------------------------------------------
     def settings_for(self, config: GenerationConfig) -> GenerationConfig:

@@ -11,7 +11,7 @@ one per beam: B images x k beams, each image's k rows together; the step derives
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +22,12 @@ from captioner.errors import ConfigError
 DecoderState = dict[str, torch.Tensor]
 
 DECODER_KINDS = ("attention", "show_tell")
+ATTENTION_KINDS = ("soft", "hard")
+#: How a hard-attention decoder reads the image when it decodes (and in teacher-forced validation):
+#: the expected feature under its weights, or the feature at their likeliest region.
+HARD_DECODING = ("expected", "argmax")
+#: What ``forward`` may be asked to do with a hard-attention decoder's locations in training.
+HARD_TRAINING = ("sample", "expected")
 MAX_WIDTH = 8192  # embedding, hidden and attention sizes: a 512-wide LSTM is the classic captioner
 
 
@@ -31,6 +37,8 @@ class DecoderConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512  # attention only
+    attention: str = "soft"  # attention only: "soft" (expected feature) or "hard" (one sampled region per word, Xu et al. section 4.1)
+    hard_decoding: str = "expected"  # hard attention only: decode with the "expected" feature or the "argmax" region
     dropout: float = 0.5
     image_input: str = "init_state"  # show_tell only: "init_state" (project into h0/c0) or "first_step" (feed as input x_-1)
     deep_output: bool = False  # attention only: logits from embedding + hidden + context, as in Xu et al. eq. 7
@@ -39,6 +47,12 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.kind not in DECODER_KINDS:
             raise ConfigError(f"decoder kind must be one of {', '.join(DECODER_KINDS)}, not {self.kind!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, not {ranges.shown(self.attention)}")
+        if self.hard_decoding not in HARD_DECODING:
+            raise ConfigError(f"hard_decoding must be one of {', '.join(HARD_DECODING)}, not {ranges.shown(self.hard_decoding)}")
+        if self.attention == "hard" and self.kind != "attention":
+            raise ConfigError(f"hard attention needs the attention decoder, not {self.kind!r}")
         if self.image_input not in ("init_state", "first_step"):
             raise ConfigError(f"image_input must be 'init_state' or 'first_step', not {self.image_input!r}")
         for name in ("embed_dim", "hidden_dim", "attention_dim"):
@@ -60,6 +74,16 @@ class DecoderConfig:
         if unknown:
             raise ConfigError(f"unknown decoder setting(s): {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+class DecoderOutput(NamedTuple):
+    """What teacher forcing gives: logits (B, T-1, V); attention (B, T-1, P) for attention decoders
+    (the weights over the regions, zero past each caption's end), else None; and for a hard-attention
+    decoder whose locations were sampled, the region each step read (B, T-1), -1 past the end."""
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+    locations: torch.Tensor | None = None
 
 
 class Decoder(nn.Module):
@@ -89,19 +113,21 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0, hard_attention: str | None = None
+    ) -> DecoderOutput:
         """Teacher forcing.
 
         features (N, P, D), one row per image; captions (N * k, T) as <start> w1 .. wn <end> <pad>..,
         the k captions of image i in rows i*k .. (i+1)*k-1 (k comes from the shapes, see
-        :func:`captions_per_image`); lengths (N * k,) counting <start> and <end>. Returns logits
-        (B, T-1, V) predicting captions[:, 1:], and attention (B, T-1, P) for attention decoders (None
-        otherwise). Positions past a caption's end are zero and were never computed.
+        :func:`captions_per_image`); lengths (N * k,) counting <start> and <end>. Returns
+        :class:`DecoderOutput`: logits (B, T-1, V) predicting captions[:, 1:], attention (B, T-1, P)
+        for attention decoders. Positions past a caption's end are zero and were never computed.
 
         ``sampling_probability`` > 0 is scheduled sampling (Bengio et al. 2015): each input word after
         the first is, with that probability, a word sampled from the decoder's own prediction at the
-        step before instead of the reference word.
+        step before instead of the reference word. ``hard_attention`` ("sample" or "expected", see
+        ``HARD_TRAINING``) tells a hard-attention decoder how to read the image in this batch; None
+        reads it as decoding does. Other decoders ignore it.
         """
         raise NotImplementedError
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, rows_per_image
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput, DecoderState, rows_per_image
 
 VIEWS = ("plain", "flip")
 
@@ -150,13 +150,15 @@ class EnsembleDecoder(Decoder):
         return mean, next_state, torch.stack(attentions).mean(dim=0) if self.has_attention else None
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0, hard_attention: str | None = None
+    ) -> DecoderOutput:
+        """The members' mean word distribution as log probabilities (B, T-1, V), each reading the
+        image as it decodes (an ensemble is decoded, not trained)."""
         log_probs, attentions = [], []
         for d, v in itertools.product(range(len(self.members)), range(len(self.views))):
-            logits, alphas = self.members[d](self._view(features, v), captions, lengths, sampling_probability)
+            logits, alphas, _ = self.members[d](self._view(features, v), captions, lengths, sampling_probability)
             log_probs.append(torch.log_softmax(logits.float(), dim=-1))  # (B, T-1, V)
             if alphas is not None:
                 attentions.append(self._as_seen(alphas, v))  # (B, T-1, P)
         mean = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
-        return mean, torch.stack(attentions).mean(dim=0) if self.has_attention else None
+        return DecoderOutput(mean, torch.stack(attentions).mean(dim=0) if self.has_attention else None)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioner.models.decoder import Decoder, DecoderConfig, DecoderState, captions_per_image, repeat_state, word_embedding
+from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput, DecoderState, captions_per_image, repeat_state, word_embedding
 
 
 class ShowTell(Decoder):
@@ -50,20 +50,20 @@ class ShowTell(Decoder):
         return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0
-    ) -> tuple[torch.Tensor, None]:
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0, hard_attention: str | None = None
+    ) -> DecoderOutput:
         state = repeat_state(self.init_state(features), captions_per_image(features, captions))
         steps = (lengths - 1).clamp(min=1).cpu()  # (B,) words to predict per caption
         total = int(steps.max())
         if sampling_probability > 0:
-            return self._forward_sampled(state, captions[:, :total], steps, sampling_probability), None
+            return DecoderOutput(self._forward_sampled(state, captions[:, :total], steps, sampling_probability))
         embedded = self.dropout(self.embedding(captions[:, :total]))  # (B, T-1, E): inputs <start> .. w_n
         packed = pack_padded_sequence(embedded, steps, batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
         # The classifier runs on real steps only (packed data), then is laid out as (B, T-1, V).
         logits_packed = self.classifier(self.dropout(output.data))  # (sum of steps, V)
         logits, _ = pad_packed_sequence(output._replace(data=logits_packed), batch_first=True, total_length=total)
-        return logits, None
+        return DecoderOutput(logits)
 
     def _forward_sampled(self, state: DecoderState, inputs: torch.Tensor, steps: torch.Tensor, probability: float) -> torch.Tensor:
         """Scheduled sampling: one LSTM step at a time, each input after the first the reference word

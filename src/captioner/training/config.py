@@ -54,6 +54,10 @@ NUMBER_RANGES = (
     ("grad_clip", 0.0, 1e6, False),
     ("label_smoothing", 0.0, 1.0, False),
     ("attention_regularization", 0.0, 1000.0, False),
+    ("hard_attention_reinforce", 0.0, 1000.0, False),
+    ("hard_attention_entropy", 0.0, 1000.0, False),
+    ("hard_attention_baseline_decay", 0.0, 1.0, False),
+    ("hard_attention_expected", 0.0, 1.0, False),
     ("lr_gamma", 0.0, 1.0, True),
     ("plateau_factor", 0.0, 1.0, True),
     ("min_lr", 0.0, 1.0, False),
@@ -90,6 +94,11 @@ class TrainConfig:
     grad_clip: float = 5.0  # max gradient norm; 0 turns clipping off
     label_smoothing: float = 0.0
     attention_regularization: float = 1.0  # lambda of the doubly stochastic attention term (Xu et al.)
+    # hard attention (decoder.attention = "hard"), Xu et al. section 4.1, with the values of the authors' code:
+    hard_attention_reinforce: float = 0.1  # lambda_r: weight of the REINFORCE term for the sampled regions
+    hard_attention_entropy: float = 0.002  # lambda_e: weight of the attention's entropy bonus
+    hard_attention_baseline_decay: float = 0.9  # the reward baseline: b <- decay * b + (1 - decay) * batch mean
+    hard_attention_expected: float = 0.5  # probability that a batch reads the expected feature instead of sampling
     schedule: str = "plateau"  # constant | step | plateau (on the validation metric) | cosine
     warmup_steps: int = 0  # linear warm-up of every learning rate over this many steps
     lr_step_epochs: int = 3  # step: decay every this many epochs

@@ -39,6 +39,7 @@ from captioner.models.captioner import Captioner, CaptionerConfig
 from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
 from captioner.training.distributed import Distributed, cleanup, setup, wrap_for_ddp
+from captioner.training.hard_attention import batch_reading, caption_log_likelihood, next_baseline, reinforce_term
 from captioner.training.optimization import Optimization
 from captioner.training.self_critical import CaptionRewards, SentenceRules, self_critical_loss
 from captioner.training.state import STATE_JSON, TRAIN_CONFIG, Checkpoints, RunState, set_rng_state
@@ -68,7 +69,9 @@ class TrainingStep(nn.Module):
     """Wraps the captioner so DDP sees one forward: inputs -> {"loss", and what to log}.
 
     Cross-entropy steps log "cross_entropy", "attention" (the doubly stochastic term) and count
-    "tokens"; self-critical steps (``rewards`` set, ``self_critical=True``) log the mean "reward".
+    "tokens"; a hard-attention decoder's training steps also give the summed "log_likelihood" of
+    the "sampled" captions (0 and 0 in a batch that read the expected feature), for the baseline.
+    Self-critical steps (``rewards`` set, ``self_critical=True``) log the mean "reward".
     """
 
     def __init__(self, model: Captioner, config: TrainConfig, rewards: CaptionRewards | None = None) -> None:
@@ -85,6 +88,7 @@ class TrainingStep(nn.Module):
         sampling_probability: float = 0.0,
         positions: list[int] | None = None,
         self_critical: bool = False,
+        hard_attention_baseline: float | None = None,
     ) -> dict[str, torch.Tensor]:
         features = inputs.float() if inputs.dim() == 3 else self.model.encode(inputs)  # (N, P, D)
         decoder = self.model.decoder
@@ -102,7 +106,9 @@ class TrainingStep(nn.Module):
                 rules=SentenceRules(self.model.vocab, bad_endings=self.config.block_bad_endings, doubled_words=self.config.block_doubled_words),
             )
             return {"loss": loss, "reward": reward.detach()}
-        logits, alphas = decoder(features, captions, lengths, sampling_probability)  # (B, T-1, V), (B, T-1, P)
+        hard = self.training and decoder.config.attention == "hard"
+        reading = batch_reading(self.config.hard_attention_expected) if hard else None
+        logits, alphas, locations = decoder(features, captions, lengths, sampling_probability, reading)  # (B, T-1, V), (B, T-1, P), (B, T-1)
         targets = captions[:, 1 : logits.shape[1] + 1]  # (B, T-1)
         mask = targets != self.model.vocab.pad_id
         cross_entropy = F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=self.config.label_smoothing)  # fp32 under autocast
@@ -111,7 +117,19 @@ class TrainingStep(nn.Module):
             # Doubly stochastic regularisation (Xu et al. eq. 14): every region gets about one word's worth
             # of attention over the caption; padded steps hold zeros and add nothing.
             attention_term = self.config.attention_regularization * ((1.0 - alphas.float().sum(dim=1)) ** 2).mean()
-        return {"loss": cross_entropy + attention_term, "cross_entropy": cross_entropy.detach(), "attention": attention_term.detach(), "tokens": mask.sum()}
+        outputs = {"loss": cross_entropy + attention_term, "cross_entropy": cross_entropy.detach(), "attention": attention_term.detach(), "tokens": mask.sum()}
+        if not hard:
+            return outputs
+        log_likelihood_sum = sampled = cross_entropy.new_zeros(())
+        if locations is not None:  # this batch sampled its regions
+            log_likelihood = caption_log_likelihood(logits, targets, mask)  # (B,)
+            baseline = float(log_likelihood.mean()) if hard_attention_baseline is None else hard_attention_baseline
+            outputs["loss"] = outputs["loss"] + reinforce_term(
+                alphas, locations, log_likelihood, baseline,
+                reinforce_weight=self.config.hard_attention_reinforce, entropy_weight=self.config.hard_attention_entropy, words=int(mask.sum()),
+            )
+            log_likelihood_sum, sampled = log_likelihood.sum(), cross_entropy.new_tensor(float(len(log_likelihood)))
+        return {**outputs, "log_likelihood": log_likelihood_sum, "sampled": sampled}
 
 
 # ----- epochs -----------------------------------------------------------------------------------
@@ -155,18 +173,24 @@ def train_one_epoch(run: Run, model: Captioner, step_module: nn.Module, data: Tr
         inputs = inputs.to(run.device, non_blocking=True)
         captions, lengths = batch.captions.to(run.device), batch.lengths.to(run.device)
         with optimization.precision.autocast:
-            outputs = step_module(inputs, captions, lengths, sampling_probability, positions=batch.positions, self_critical=self_critical)
+            outputs = step_module(
+                inputs, captions, lengths, sampling_probability, positions=batch.positions, self_critical=self_critical, hard_attention_baseline=state.hard_attention_baseline
+            )
         loss = outputs["loss"]
         all_finite = bool(dist_info.all_reduce_sum(torch.isfinite(loss.detach()).float()) == dist_info.world_size)
         if all_finite:
             optimization.backward(loss)
         else:
             check_nan_policy(config, state, loss)
+        baseline = state.hard_attention_baseline
+        if "sampled" in outputs:  # a hard-attention step: every rank's sampled captions move the baseline
+            baseline = next_baseline(baseline, outputs["log_likelihood"], outputs["sampled"], config.hard_attention_baseline_decay, dist_info)
         # The update and the counters that record it happen together or not at all: a Ctrl-C in
         # between would save updated weights with the step not counted, and resume would repeat it.
         with interrupts_deferred():
             if all_finite:
                 optimization.step()
+                state.hard_attention_baseline = baseline
                 for key in sums:
                     sums[key] += float(outputs[key].detach())
                 count += 1
@@ -334,7 +358,7 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], *, resume
     else:
         torch.manual_seed(config.seed + 1000 * (dist_info.rank + 1))
     log(
-        f"training {config.decoder.kind} decoder on {len(data.train_batches.images):,} images x {config.seq_per_img} captions "
+        f"training {config.decoder.kind} decoder{' (hard attention)' if config.decoder.attention == 'hard' else ''} on {len(data.train_batches.images):,} images x {config.seq_per_img} captions "
         f"({len(data.train_batches)} batches/epoch{' per rank' if dist_info.enabled else ''}) on {device}"
         + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
     )

@@ -42,6 +42,7 @@ class RunState:
     epochs_without_improvement: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss
     self_critical: bool = False  # the self-critical phase has started
+    hard_attention_baseline: float | None = None  # hard attention's moving-average reward (None until a batch sampled)
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
