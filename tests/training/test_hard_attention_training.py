@@ -148,3 +148,25 @@ def test_evaluate_measures_either_reading_of_a_hard_attention_model(trained_hard
         assert results["hard_decoding"] == reading
         scores[reading] = results["beams"]["3"]["CIDEr-D"]
     assert min(scores.values()) > 100, scores  # the shapes set is learnt whichever way it is read
+
+
+@pytest.mark.slow
+def test_the_web_api_shows_the_one_region_each_word_read(trained_hard_shapes):
+    from pathlib import Path
+
+    import httpx
+
+    from captioner import Captioner
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    best, held_out = trained_hard_shapes
+    model = Captioner.load(best)
+    model.read_hard_attention_as("argmax")
+    item = held_out[0]
+    expected = model.caption([item["path"]], beam_size=3)[0]
+    with BackgroundServer(create_app(model, ServeConfig(beam_size=3, n_best=1, batch_wait_ms=2))) as server:
+        answer = httpx.post(server.url + "api/caption", files={"image": (item["image"], Path(item["path"]).read_bytes(), "image/png")}, timeout=60).json()
+    attention = np.asarray(answer["attention"])
+    assert answer["caption"] == expected.text
+    assert np.array_equal(attention, np.asarray(expected.attention))
+    assert (attention.reshape(len(attention), -1).sum(axis=1) == 1).all() and set(np.unique(attention).tolist()) <= {0.0, 1.0}
