@@ -521,7 +521,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
         state = select_state(state, origins, keep=decoder.image_constant_keys)  # beams never leave their image
         history = torch.cat([history[origins], tokens.unsqueeze(1)], dim=1)
         if keep_attention and alpha_t is not None:
-            previous = attention[origins] if attention is not None else alpha_t.new_zeros(origins.shape[0], 0, alpha_t.shape[1])
+            previous = take_rows(attention, origins) if attention is not None else alpha_t.new_zeros(origins.shape[0], 0, alpha_t.shape[1])
             attention = torch.cat([previous, alpha_t[origins].unsqueeze(1)], dim=1)
         # An image is done once its final pool is full and no live beam, in any state, can still beat its worst.
         best_lives = scores.view(batch, -1).max(dim=1).values.tolist()  # (B,), one copy from the device per step
@@ -544,7 +544,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
             kept_rows = (kept.view(-1, 1) * (states * k) + torch.arange(states * k, device=device)).view(-1)
             state = {key: take_rows(value, kept if key in decoder.image_constant_keys else kept_rows) for key, value in state.items()}
             tokens, history, scores, word_states = tokens[kept_rows], history[kept_rows], scores[kept], word_states[kept]
-            attention = attention[kept_rows] if attention is not None else None
+            attention = take_rows(attention, kept_rows) if attention is not None else None
             blocked = blocked[kept] if blocked is not None else None
             searching, batch = [searching[i] for i in still], len(still)
     results = []
