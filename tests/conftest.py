@@ -45,6 +45,22 @@ def make_vocab(words=("a", "b", "c")):
     return Vocabulary(list(SPECIAL_TOKENS) + list(words))
 
 
+def caption_batch(model, images=3, seq_per_img=2, regions=7, seed=0, longest=8):
+    """Random teacher-forcing input for ``model``: features (images, regions, D) and
+    images * seq_per_img captions of 3 to ``longest`` tokens (<start> random words <end>, padded), with their lengths."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(images, regions, model.decoder.feature_dim, generator=generator)
+    lengths = torch.randint(3, longest + 1, (images * seq_per_img,), generator=generator)
+    captions = torch.zeros(images * seq_per_img, int(lengths.max()), dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):
+        captions[row, 0] = model.vocab.start_id
+        captions[row, 1 : length - 1] = torch.randint(4, len(model.vocab), (length - 2,), generator=generator)
+        captions[row, length - 1] = model.vocab.end_id
+    return features, captions, lengths
+
+
 def make_model(kind="attention", words=("a", "b", "c"), seed=0, scale=1.0, pretrained=False, **decoder):
     """A small Captioner; its encoder is randomly initialised unless ``pretrained`` (installed weights).
 

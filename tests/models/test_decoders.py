@@ -7,27 +7,15 @@ from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
 from captioner.models.decoder import DecoderConfig, take_rows
 from captioner.models.embeddings import load_word_vectors
-from conftest import make_model, make_vocab
+from conftest import caption_batch, make_model, make_vocab
 
 WORDS = ("a", "red", "blue", "circle", "square", "and")
-
-
-def batch(model, images=3, seq_per_img=2, regions=7, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(images, regions, model.decoder.feature_dim, generator=generator)
-    lengths = torch.randint(3, 9, (images * seq_per_img,), generator=generator)
-    captions = torch.zeros(images * seq_per_img, int(lengths.max()), dtype=torch.long)
-    for row, length in enumerate(lengths.tolist()):
-        captions[row, 0] = model.vocab.start_id
-        captions[row, 1 : length - 1] = torch.randint(4, len(model.vocab), (length - 2,), generator=generator)
-        captions[row, length - 1] = model.vocab.end_id
-    return features, captions, lengths
 
 
 @pytest.mark.parametrize("kind, image_input", [("attention", "init_state"), ("show_tell", "init_state"), ("show_tell", "first_step")])
 def test_forward_shapes_and_zero_padding(kind, image_input):
     model = make_model(kind, words=WORDS, image_input=image_input)
-    features, captions, lengths = batch(model)
+    features, captions, lengths = caption_batch(model)
     logits, alphas, _ = model.decoder(features, captions, lengths)
     assert logits.shape == (6, int(lengths.max()) - 1, len(model.vocab))
     for row, length in enumerate(lengths.tolist()):
@@ -45,7 +33,7 @@ def test_forward_shapes_and_zero_padding(kind, image_input):
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 def test_padded_positions_do_not_change_the_loss(kind):
     model = make_model(kind, words=WORDS)
-    features, captions, lengths = batch(model)
+    features, captions, lengths = caption_batch(model)
     garbage = captions.clone()
     for row, length in enumerate(lengths.tolist()):
         garbage[row, length:] = torch.randint(1, len(model.vocab), (garbage.shape[1] - length,))
@@ -62,7 +50,7 @@ def test_padded_positions_do_not_change_the_loss(kind):
 @pytest.mark.parametrize("kind, image_input", [("attention", "init_state"), ("show_tell", "init_state"), ("show_tell", "first_step")])
 def test_step_by_step_equals_teacher_forcing(kind, image_input):
     model = make_model(kind, words=WORDS, image_input=image_input)
-    features, captions, lengths = batch(model, seq_per_img=1)
+    features, captions, lengths = caption_batch(model, seq_per_img=1)
     logits, alphas, _ = model.decoder(features, captions, lengths)
     state = model.decoder.init_state(features)
     for t in range(int(lengths.max()) - 1):
@@ -76,7 +64,7 @@ def test_step_by_step_equals_teacher_forcing(kind, image_input):
 
 def test_seq_per_img_equals_repeating_the_features():
     model = make_model("attention", words=WORDS)
-    features, captions, lengths = batch(model, images=2, seq_per_img=3)
+    features, captions, lengths = caption_batch(model, images=2, seq_per_img=3)
     shared = model.decoder(features, captions, lengths).logits
     repeated = model.decoder(features.repeat_interleave(3, dim=0), captions, lengths).logits
     assert torch.allclose(shared, repeated, atol=1e-6)
@@ -102,7 +90,7 @@ def test_the_attention_is_the_papers_tanh_formula_and_reads_one_copy_of_each_ima
 
 def test_deep_output_and_dropout_train_mode():
     model = make_model("attention", words=WORDS, deep_output=True, dropout=0.5)
-    features, captions, lengths = batch(model)
+    features, captions, lengths = caption_batch(model)
     logits = model.decoder(features, captions, lengths).logits
     assert logits.shape[-1] == len(model.vocab)
     model.train()

@@ -6,21 +6,9 @@ import torch
 from captioner.decoding import GenerationConfig, generate
 from captioner.errors import ConfigError
 from captioner.models.decoder import DecoderConfig
-from conftest import make_model
+from conftest import caption_batch, make_model
 
 WORDS = ("a", "red", "blue", "circle", "square", "and")
-
-
-def caption_batch(model, images=2, seq_per_img=3, regions=5, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(images, regions, model.decoder.feature_dim, generator=generator)
-    lengths = torch.randint(3, 8, (images * seq_per_img,), generator=generator)
-    captions = torch.zeros(images * seq_per_img, int(lengths.max()), dtype=torch.long)
-    for row, length in enumerate(lengths.tolist()):
-        captions[row, 0] = model.vocab.start_id
-        captions[row, 1 : length - 1] = torch.randint(4, len(model.vocab), (length - 2,), generator=generator)
-        captions[row, length - 1] = model.vocab.end_id
-    return features, captions, lengths
 
 
 def test_settings_are_checked():
@@ -41,7 +29,7 @@ def test_with_one_hot_attention_hard_and_soft_give_the_same_logits():
         hard.decoder.attention.score.weight.mul_(1e5)  # energies far apart: softmax is exactly one-hot
     soft = make_model("attention", words=WORDS, dropout=0.0)
     soft.decoder.load_state_dict(hard.decoder.state_dict())
-    features, captions, lengths = caption_batch(hard)
+    features, captions, lengths = caption_batch(hard, images=2, seq_per_img=3, regions=5, longest=7)
     sampled = hard.decoder(features, captions, lengths, hard_attention="sample")
     assert sampled.attention.amax(dim=2)[sampled.locations >= 0].min() == 1.0  # every real step is one-hot
     assert torch.equal(sampled.locations[sampled.locations >= 0], sampled.attention.argmax(dim=2)[sampled.locations >= 0])
@@ -57,7 +45,7 @@ def test_with_one_hot_attention_hard_and_soft_give_the_same_logits():
 
 def test_without_one_hot_attention_they_differ_and_sampling_follows_the_weights():
     model = make_model("attention", words=WORDS, attention="hard", dropout=0.0)
-    features, captions, lengths = caption_batch(model)
+    features, captions, lengths = caption_batch(model, images=2, seq_per_img=3, regions=5, longest=7)
     torch.manual_seed(1)
     sampled = model.decoder(features, captions, lengths, hard_attention="sample")
     expected = model.decoder(features, captions, lengths, hard_attention="expected")
