@@ -256,7 +256,7 @@ class Captioner(nn.Module):
                 raise ConfigError("the models of an ensemble must use the same encoder and preprocessing")
             if (model.encoder_in_checkpoint or first.encoder_in_checkpoint) and not _same_weights(model.encoder, first.encoder):
                 raise ConfigError("the models of an ensemble must share one encoder: theirs have different weights (fine-tuned separately?)")
-        decoders = [member for model in models for member in (model.decoder.members if isinstance(model.decoder, EnsembleDecoder) else [model.decoder])]
+        decoders = [member for model in models for member in model.single_decoders()]
         ensemble = EnsembleConfig([decoder.config for decoder in decoders], views)
         config = CaptionerConfig(first.config.encoder, ensemble.decoders[0], first.preprocessing, first.config.max_length, ensemble, **first.config.decoding_defaults())
         combined = cls(config, first.vocab, pretrained_encoder=not first.encoder_in_checkpoint).to(first.device)
@@ -272,6 +272,10 @@ class Captioner(nn.Module):
         (B = N * captions per image, each image's captions in consecutive rows)."""
         return self.decoder(self.encode(images), captions, lengths)
 
+    def single_decoders(self) -> list[Decoder]:
+        """The decoders this model runs: an ensemble's members, or its one decoder."""
+        return list(self.decoder.members) if isinstance(self.decoder, EnsembleDecoder) else [self.decoder]
+
     def read_hard_attention_as(self, reading: str) -> None:
         """Decode this model's hard-attention decoders with the "expected" feature under their weights
         or the feature at the "argmax" region (each checkpoint's own choice is its config.json's
@@ -280,8 +284,7 @@ class Captioner(nn.Module):
 
         if reading not in HARD_DECODING:
             raise ConfigError(f"hard attention decodes with one of {', '.join(HARD_DECODING)}, not {reading!r}")
-        decoders = self.decoder.members if isinstance(self.decoder, EnsembleDecoder) else [self.decoder]
-        hard = [decoder for decoder in decoders if decoder.config.attention == "hard"]
+        hard = [decoder for decoder in self.single_decoders() if decoder.config.attention == "hard"]
         if not hard:
             raise ConfigError("this model has no hard-attention decoder: how it reads the image is not a choice")
         for decoder in hard:
