@@ -38,6 +38,11 @@ SIDES = {
 PYTORCH_ENCODER = {"shipped, PyTorch encoder": ("auto", "torch", {})}  # a side only where the others use onnxruntime
 
 
+def load_sides(sides: dict[str, tuple[str, str, dict]]) -> dict[str, Captioner]:
+    """The default model loaded once per side, with that side's decoder compute and encoder runtime."""
+    return {side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in sides.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
@@ -47,10 +52,10 @@ def main() -> int:
 
     photos = sorted((ROOT / "examples").glob("*.jpg")) + (sorted(args.coco.glob("*.jpg"))[:9] if args.coco.is_dir() else [])
     sides = dict(SIDES)
-    models = {side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in sides.items()}
+    models = load_sides(sides)
     if models["shipped (int8, concepts on)"].encoder_runtime is not None:
         sides.update(PYTORCH_ENCODER)
-        models.update({side: Captioner.load("default", decoder_compute=compute, encoder_runtime=runtime) for side, (compute, runtime, _) in PYTORCH_ENCODER.items()})
+        models.update(load_sides(PYTORCH_ENCODER))
     for side, (_, _, settings) in sides.items():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
         models[side].caption(photos[0], **settings)
     seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in sides}
