@@ -8,11 +8,11 @@ from torch import nn
 
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
-from captioner.models.int8_compute import int8_twin, resolve_decoder_compute
+from captioner.models.int8_compute import Int8Linear, Int8LSTM, Int8LSTMCell, int8_twin, resolve_decoder_compute
 from tests.conftest import make_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-DYNAMIC = (torch.ao.nn.quantized.dynamic.Linear, torch.ao.nn.quantized.dynamic.LSTMCell, torch.ao.nn.quantized.dynamic.LSTM)
+DYNAMIC = (Int8Linear, Int8LSTMCell, Int8LSTM)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,47 @@ def test_quantized_matrices_are_reused_and_only_a_replaced_layer_is_redone():
         model.decoder.members[1].gate.weight.mul_(1.0)
     assert model.decoding_decoder().members[1].gate is not first.members[1].gate
     assert model.decoding_decoder().members[0].gate is first.members[0].gate
+
+
+def _torch_ao_dynamic(module: nn.Module) -> nn.Module:
+    """torch.ao's dynamic quantization of ``module``, per-row symmetric weights in [-127, 127]."""
+    import copy
+    import warnings
+
+    observed = copy.copy(module)
+    observed.qconfig = torch.ao.quantization.QConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.quint8, is_dynamic=True),
+        weight=torch.ao.quantization.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127),
+    )
+    dynamic = {nn.Linear: torch.ao.nn.quantized.dynamic.Linear, nn.LSTMCell: torch.ao.nn.quantized.dynamic.LSTMCell, nn.LSTM: torch.ao.nn.quantized.dynamic.LSTM}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dynamic[type(module)].from_float(observed)
+
+
+def test_int8_matrices_compute_exactly_what_torch_ao_dynamic_quantization_computes(shipped):
+    """Our int8 modules quantize the weights directly (no observers, no throwaway random init) and
+    call the same kernels: bit for bit the same outputs as torch.ao's modules on the shipped
+    model's matrices, and on an LSTM stepped a word at a time."""
+    torch.manual_seed(0)
+    member = shipped.decoder.members[0]
+    twin = int8_twin(member)
+    with torch.inference_mode():
+        for name in ("gate", "classifier", "out_hidden"):
+            layer = getattr(member, name, None)
+            if layer is None:
+                continue
+            x = torch.randn(6, layer.in_features) * 3
+            assert torch.equal(getattr(twin, name)(x), _torch_ao_dynamic(layer)(x)), name
+        x = torch.randn(6, member.attention.hidden_proj.in_features)
+        assert torch.equal(twin.attention.hidden_proj(x), _torch_ao_dynamic(member.attention.hidden_proj)(x))
+        x, state = torch.randn(6, member.lstm.input_size), (torch.randn(6, member.lstm.hidden_size), torch.randn(6, member.lstm.hidden_size))
+        ours, theirs = twin.lstm(x, state), _torch_ao_dynamic(member.lstm)(x, state)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        lstm = nn.LSTM(8, 12, batch_first=True)
+        x, state = torch.randn(3, 1, 8), (torch.randn(1, 3, 12), torch.randn(1, 3, 12))
+        ours, theirs = Int8LSTM(lstm)(x, state), _torch_ao_dynamic(lstm)(x, state)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1][1], theirs[1][1])
+        assert torch.equal(Int8LSTM(lstm)(x)[0], _torch_ao_dynamic(lstm)(x)[0])  # from a zero state
+    with pytest.raises(ConfigError, match="one-layer"):
+        Int8LSTM(nn.LSTM(8, 12, num_layers=2, batch_first=True))

@@ -3,8 +3,9 @@
 At batch 1 a decoding step is a handful of matrix-vector products, and reading their float32
 weights from memory is most of its time (an LSTM cell of the shipped model is 14.7 MB, read about 15
 times per caption). :func:`int8_twin` gives a decoder that shares everything with the original
-except those matrices, which it holds as PyTorch's dynamically quantized modules: weights in int8
-with one scale per output row, symmetric in [-127, 127] (the shipped checkpoint's own format, so
+except those matrices, which it holds in int8 for PyTorch's dynamic-quantization kernels
+(``torch.ops.quantized``, the ones ``torch.ao``'s dynamic modules call): weights in int8 with one
+scale per output row, symmetric in [-127, 127] (the shipped checkpoint's own format, so
 its stored weights come back exactly), and each step's input quantized to 8 bits on the fly with
 one scale per call. That input rounding is the only change to the arithmetic; captions can differ
 where two words were nearly tied (measured in the README on the Flickr8k dev split).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,16 +73,75 @@ def _quantized(module: nn.Module) -> nn.Module:
     cached = _cache.get(module)
     if cached is not None and cached[0] == key:
         return cached[1]
-    float_module = copy.copy(module)  # from_float reads a qconfig off the module: set it on a copy
-    float_module.qconfig = torch.ao.quantization.QConfig(
-        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.quint8, is_dynamic=True),
-        weight=torch.ao.quantization.PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127
-        ),
-    )
-    dynamic = {nn.Linear: torch.ao.nn.quantized.dynamic.Linear, nn.LSTMCell: torch.ao.nn.quantized.dynamic.LSTMCell, nn.LSTM: torch.ao.nn.quantized.dynamic.LSTM}
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices: the kernels are what we use, pinned with torch
+    with warnings.catch_warnings():  # PyTorch's deprecation notice on quantized tensors: the kernels are what we use, pinned with torch
         warnings.simplefilter("ignore")
-        quantized = dynamic[type(module)].from_float(float_module)
+        if isinstance(module, nn.Linear):
+            quantized: nn.Module = Int8Linear(module.weight, module.bias)
+        elif isinstance(module, nn.LSTMCell):
+            quantized = Int8LSTMCell(module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh)
+        else:
+            quantized = Int8LSTM(module)
     _cache[module] = (key, quantized)
     return quantized
+
+
+def quantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A float matrix (out, in) -> int8 with one scale per row, symmetric in [-127, 127]: what
+    PyTorch's per-channel symmetric weight observer gives, computed directly."""
+    scale = (weight.detach().abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
+    return torch.quantize_per_channel(weight.detach().float(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    return torch.ops.quantized.linear_prepack(quantize_rows(weight), None if bias is None else bias.detach().float())
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` computing in int8: weights per row, each call's input with one scale (as
+    ``torch.ao``'s dynamic Linear, whose kernel this calls)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.packed = _packed(weight, bias)
+
+    def weight(self) -> torch.Tensor:
+        """The int8 weight matrix (out, in)."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)
+
+
+class Int8LSTMCell(nn.Module):
+    """``nn.LSTMCell`` computing in int8 (both of its matrices; the biases stay float32)."""
+
+    def __init__(self, weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None) -> None:
+        super().__init__()
+        if bias_ih is None or bias_hh is None:
+            raise ConfigError("int8 compute needs an LSTM cell with biases")
+        self.hidden_size = weight_hh.shape[1]
+        self.packed_ih, self.packed_hh = _packed(weight_ih, bias_ih), _packed(weight_hh, bias_hh)
+        self.bias_ih, self.bias_hh = bias_ih.detach().float(), bias_hh.detach().float()
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.quantized.quantized_lstm_cell_dynamic(x, state, self.packed_ih, self.packed_hh, self.bias_ih, self.bias_hh)
+
+
+class Int8LSTM(Int8LSTMCell):
+    """A one-layer, one-direction, batch-first ``nn.LSTM`` computing in int8, its cell a step at a
+    time (decoding feeds it one word per call)."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or lstm.proj_size or not lstm.bias:
+            raise ConfigError("int8 compute runs a one-layer, one-direction, batch-first LSTM with biases")
+        super().__init__(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        """x (B, T, E), state ((1, B, H), (1, B, H)) or None (zeros) -> (B, T, H), the last state."""
+        zeros = x.new_zeros(x.shape[0], self.hidden_size)
+        h, c = (state[0][0], state[1][0]) if state is not None else (zeros, zeros)
+        outputs = []
+        for t in range(x.shape[1]):
+            h, c = super().forward(x[:, t], (h, c))
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
