@@ -183,13 +183,16 @@ class Captioner(nn.Module):
     'a black dog is running on the grass'
     """
 
-    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True, encoder: Encoder | None = None) -> None:
-        """``encoder``: one already built for ``config.encoder`` (``load`` builds it first, to size the decoder)."""
+    def __init__(
+        self, config: CaptionerConfig, vocab: Vocabulary, *, pretrained_encoder: bool = True, encoder: Encoder | None = None, decoder: Decoder | None = None
+    ) -> None:
+        """``encoder``, ``decoder``: ones already built for ``config`` (``load`` builds the encoder
+        first, to size the decoder, and the decoder from the checkpoint's weights)."""
         super().__init__()
         self.config = config
         self.vocab = vocab
         self.encoder: Encoder = encoder if encoder is not None else build_encoder(_encoder_config(config, pretrained_encoder))
-        self.decoder: Decoder = build_decoders(config, len(vocab), self.encoder.feature_dim)
+        self.decoder: Decoder = decoder if decoder is not None else build_decoders(config, len(vocab), self.encoder.feature_dim)
         #: The views of each image the decoder reads, side by side along the region axis.
         self.views: tuple[str, ...] = config.ensemble.views if config.ensemble is not None else ("plain",)
         self.preprocessing = config.preprocessing or self.encoder.preprocessing
@@ -544,17 +547,18 @@ class Captioner(nn.Module):
             raise CheckpointError(f"checkpoint {folder}: unknown encoder_weights {str(encoder_weights)[:40]!r}")
         encoder = build_encoder(_encoder_config(config, pretrained=encoder_weights == "package"))
         # The shapes the config and vocabulary imply, from a decoder built on the meta device (no
-        # memory), checked against the stored ones before anything of the config's size is allocated.
+        # memory), checked against the stored ones before anything of the config's size is allocated;
+        # then that decoder takes the stored weights as its own (no initial weights drawn to be overwritten).
         with torch.device("meta"):
-            skeleton = build_decoders(config, len(stored.vocab), encoder.feature_dim)
-        expected = {f"decoder.{k}": v for k, v in skeleton.state_dict().items()}
+            decoder = build_decoders(config, len(stored.vocab), encoder.feature_dim)
+        expected = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
         if encoder_weights == "checkpoint":
             expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
         check_tensors(folder, stored.shapes, expected)
         tensors = stored.tensors()
-        model = cls(config, stored.vocab, encoder=encoder)
+        decoder.load_state_dict({k[len("decoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("decoder.")}, assign=True)
+        model = cls(config, stored.vocab, encoder=encoder, decoder=decoder)
         model.encoder_in_checkpoint = encoder_weights == "checkpoint"
-        model.decoder.load_state_dict({k[len("decoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("decoder.")})
         if model.encoder_in_checkpoint:
             model.encoder.load_state_dict({k[len("encoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("encoder.")})
         model.decoder_compute = compute

