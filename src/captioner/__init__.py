@@ -11,13 +11,8 @@ caption ("Show and Tell", Vinyals et al. 2015; "Show, Attend and Tell", Xu et al
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
-
-try:
-    __version__ = version("captioner")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
 
 from captioner.errors import CaptionerError
 
@@ -27,7 +22,19 @@ if TYPE_CHECKING:
 __all__ = ["Captioner", "CaptionResult", "CaptionerError", "__version__"]
 
 
+@lru_cache(maxsize=1)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # 30 ms: only when asked for
+
+    try:
+        return version("captioner")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _version()
     # Captioner pulls in torch: import it on first use, so `captioner --help` stays instant.
     if name in ("Captioner", "CaptionResult"):
         from captioner.models import captioner as module

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from captioner import __version__
+import captioner
 from captioner.errors import CaptionerError
 from captioner.threads import fixed_threads
 
@@ -46,13 +46,24 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, encoder: bool = Tr
     )  # fmt: skip
 
 
+class VersionAction(argparse.Action):
+    """``--version``: the installed version, read from the package metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, option_string: str | None = None) -> None:
+        print(f"captioner {captioner.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captioner",
         description="Turn pictures into sentences: prepare caption datasets, train, evaluate and serve captioning models.",
         epilog="Run 'captioner COMMAND --help' for a command's options. Set CAPTIONER_DEBUG=1 to see tracebacks.",
     )
-    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_names():
         module = importlib.import_module(f"captioner.cli.{name}_command")

@@ -46,7 +46,8 @@ class ConceptVocabulary:
         self.class_concept = torch.tensor([position[entry["word"]] if entry["word"] else -1 for entry in classes])  # (1000,)
         # ImageNet's first 398 classes are animals (WordNet's animal subtree): what a captioner trained
         # on people and dogs sees everywhere, so what may be excluded when the classifier sees none.
-        self.animal = torch.tensor([all(entry["index"] < ANIMAL_CLASSES for entry in classes if entry["word"] == concept.word) for concept in self.concepts])
+        not_only_animals = {entry["word"] for entry in classes if entry["index"] >= ANIMAL_CLASSES}
+        self.animal = torch.tensor([concept.word not in not_only_animals for concept in self.concepts])
 
     def __len__(self) -> int:
         return len(self.concepts)
