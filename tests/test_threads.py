@@ -61,3 +61,28 @@ def test_a_bad_captioner_threads_is_one_line_from_the_command_line():
     done = subprocess.run([sys.executable, "-m", "captioner", "caption", "examples/dog.jpg"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stderr.strip() == "captioner caption: error: CAPTIONER_THREADS must be a whole number from 1 to 1024, or 'torch', not 'zero'"
+
+
+def test_phases_look_at_the_load_again_only_once_their_interval_has_passed(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    load, looks = {"others": 50}, []
+
+    def others():
+        looks.append(load["others"])
+        return load["others"]
+
+    monkeypatch.setattr(threads, "other_runnable_tasks", others)
+    before = torch.get_num_threads()
+    with threads.phases_threads(every_s=3600) as next_phase:
+        assert next_phase() == 1 == torch.get_num_threads()  # busy: one thread
+        load["others"] = 0
+        assert next_phase() == 1 and len(looks) == 2  # not looked at again yet (the two looks were the first phase's)
+    assert torch.get_num_threads() == before
+    looks.clear()
+    with threads.phases_threads(every_s=0) as next_phase:
+        assert next_phase() == min(2, before)
+        load["others"] = 50
+        assert next_phase() == 1 == torch.get_num_threads()  # follows the load phase by phase
+        assert len(looks) == 3
+    assert torch.get_num_threads() == before
