@@ -24,7 +24,7 @@ from captioner.models.concepts import concept_vocabulary
 from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
-from captioner.threads import phase_threads
+from captioner.threads import one_phase, phase_threads
 
 if TYPE_CHECKING:
     from captioner.decoding import Caption, GenerationConfig
@@ -428,7 +428,7 @@ class Captioner(nn.Module):
         classifier); None for an encoder without one."""
         if not self.encoder.has_classifier:
             return None
-        with torch.inference_mode():
+        with torch.inference_mode(), phase_threads():
             return concept_vocabulary().probabilities(self.encoder.classify(features.to(self.device)))
 
     def _required_words(self, config: GenerationConfig, concepts: list[list[tuple[Concept, float]]] | None, batch: int) -> list[list[list[str]]]:
@@ -521,6 +521,7 @@ class Captioner(nn.Module):
         return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
 
     @classmethod
+    @one_phase
     def load(
         cls, path: str | os.PathLike = "default", *, device: str | torch.device = "cpu", decoder_compute: str = "auto", encoder_runtime: str = "auto"
     ) -> Captioner:
