@@ -10,8 +10,9 @@ PyTorch's own setting (``torch.set_num_threads``, ``OMP_NUM_THREADS``): on a qui
 changes; on a busy one a phase runs on fewer threads instead of waiting for preempted ones.
 
 Training takes the same choice step by step (looked up again every :data:`TRAINING_LOOK_S`), and so
-does building a feature cache batch by batch: the README's shapes training took 26 minutes instead of
-about one beside two busy processes before it did.
+does building a feature cache batch by batch: beside two busy processes the README's shapes training
+took 124 s on PyTorch's threads and 44 s this way, 15 s quiet (``benchmarks/busy.py``, 2 cores).
+Loading a model is one phase too (:func:`one_phase`).
 
 ``CAPTIONER_THREADS=N`` fixes the count for every phase (``CAPTIONER_THREADS=torch`` leaves
 PyTorch's setting alone, as before this module existed).
