@@ -336,8 +336,7 @@ def ends_badly(vocab: Vocabulary, recent: list[list[int]]) -> list[int]:
     bad = vocab.bad_ending_ids
     if not bad:
         return []
-    longest = max(len(ending) for ending in bad)
-    return [row for row, words in enumerate(recent) if any(tuple(words[-n:]) in bad for n in range(1, min(longest, len(words)) + 1))]
+    return [row for row, words in enumerate(recent) if any(tuple(words[-n:]) in bad for n in range(1, len(words) + 1))]
 
 
 def _block_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) -> None:
