@@ -133,7 +133,7 @@ def phase_threads() -> Iterator[int]:
 def one_phase(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` runs as one phase (:func:`phase_threads`): for work such as loading a model,
     whose few large operations (checking and converting weights) collapse on a busy machine as
-    decoding does (3.3 s of a cold caption's 8 s beside two busy processes, 0.3 s quiet)."""
+    decoding does (profiled beside two busy processes: 3.3 s of a cold caption's 8 s; 0.3 s quiet)."""
 
     @functools.wraps(function)
     def in_one_phase(*args: P.args, **kwargs: P.kwargs) -> R:
