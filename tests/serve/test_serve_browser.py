@@ -41,12 +41,25 @@ def noise_png(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
     return buffer.getvalue()
 
 
+def wordy_model():
+    """An untrained model whose captions are always 8 words long: its <end> is never likely (an
+    untrained model's caption lengths otherwise hang on its random weights; these tests need words
+    to hover over, and a caption that no other text on the page contains)."""
+    import torch
+
+    model = make_model(pretrained=True)
+    model.config.max_length = 8
+    with torch.no_grad():
+        model.decoder.classifier.bias[model.vocab.end_id] -= 30.0
+    return model
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from captioner.models.captioner import Captioner
     from captioner.serve import BackgroundServer, ServeConfig, create_app
 
-    folder = make_model(pretrained=True).save(tmp_path_factory.mktemp("serve_browser") / "ckpt")
+    folder = wordy_model().save(tmp_path_factory.mktemp("serve_browser") / "ckpt")
     app = create_app(Captioner.load(folder), ServeConfig(beam_size=3, n_best=3, batch_wait_ms=2), model_name="browser-test")
     with BackgroundServer(app) as running:
         yield running
@@ -269,7 +282,7 @@ def test_the_n_best_list_shows_the_score_it_is_ranked_by_and_the_caption_appears
     from captioner.models.captioner import Captioner
     from captioner.serve import BackgroundServer, ServeConfig, create_app
 
-    model = make_model(pretrained=True)
+    model = wordy_model()
     model.config.length_penalty = 1.0
     loaded = Captioner.load(model.save(tmp_path / "penalised"))
     with BackgroundServer(create_app(loaded, ServeConfig(beam_size=3, n_best=3, batch_wait_ms=2))) as running:
