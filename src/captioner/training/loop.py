@@ -36,7 +36,6 @@ from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluation import decode_split, score_split
 from captioner.locking import FolderInUse, exclusive_writer
 from captioner.models.captioner import Captioner, CaptionerConfig
-from captioner.threads import TRAINING_LOOK_S, phases_threads
 from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
 from captioner.training.distributed import Distributed, cleanup, setup, wrap_for_ddp
@@ -170,47 +169,45 @@ def train_one_epoch(run: Run, model: Captioner, step_module: nn.Module, data: Tr
         disable=not (config.progress and dist_info.is_main) or None,
         leave=False,
     )
-    with phases_threads(TRAINING_LOOK_S) as next_phase:  # the cores that are free, looked up as the steps go
-        for batch, inputs in data.inputs("train", batches, fine_tuning(config, state.epoch)):
-            next_phase()
-            inputs = inputs.to(run.device, non_blocking=True)
-            captions, lengths = batch.captions.to(run.device), batch.lengths.to(run.device)
-            with optimization.precision.autocast:
-                outputs = step_module(
-                    inputs, captions, lengths, sampling_probability, positions=batch.positions, self_critical=self_critical, hard_attention_baseline=state.hard_attention_baseline
-                )
-            loss = outputs["loss"]
-            all_finite = bool(dist_info.all_reduce_sum(torch.isfinite(loss.detach()).float()) == dist_info.world_size)
+    for batch, inputs in data.inputs("train", batches, fine_tuning(config, state.epoch)):
+        inputs = inputs.to(run.device, non_blocking=True)
+        captions, lengths = batch.captions.to(run.device), batch.lengths.to(run.device)
+        with optimization.precision.autocast:
+            outputs = step_module(
+                inputs, captions, lengths, sampling_probability, positions=batch.positions, self_critical=self_critical, hard_attention_baseline=state.hard_attention_baseline
+            )
+        loss = outputs["loss"]
+        all_finite = bool(dist_info.all_reduce_sum(torch.isfinite(loss.detach()).float()) == dist_info.world_size)
+        if all_finite:
+            optimization.backward(loss)
+        else:
+            check_nan_policy(config, state, loss)
+        baseline = state.hard_attention_baseline
+        if "sampled" in outputs:  # a hard-attention step: every rank's sampled captions move the baseline
+            baseline = next_baseline(baseline, outputs["log_likelihood"], outputs["sampled"], config.hard_attention_baseline_decay, dist_info)
+        # The update and the counters that record it happen together or not at all: a Ctrl-C in
+        # between would save updated weights with the step not counted, and resume would repeat it.
+        with interrupts_deferred():
             if all_finite:
-                optimization.backward(loss)
+                optimization.step()
+                state.hard_attention_baseline = baseline
+                for key in sums:
+                    sums[key] += float(outputs[key].detach())
+                count += 1
             else:
-                check_nan_policy(config, state, loss)
-            baseline = state.hard_attention_baseline
-            if "sampled" in outputs:  # a hard-attention step: every rank's sampled captions move the baseline
-                baseline = next_baseline(baseline, outputs["log_likelihood"], outputs["sampled"], config.hard_attention_baseline_decay, dist_info)
-            # The update and the counters that record it happen together or not at all: a Ctrl-C in
-            # between would save updated weights with the step not counted, and resume would repeat it.
-            with interrupts_deferred():
-                if all_finite:
-                    optimization.step()
-                    state.hard_attention_baseline = baseline
-                    for key in sums:
-                        sums[key] += float(outputs[key].detach())
-                    count += 1
-                else:
-                    state.skipped_steps += 1
-                # captions the step learnt from: the references, or in self-critical steps the sampled ones
-                captions_seen += len(batch.positions) * config.self_critical_samples if self_critical else len(captions)
-                state.step_in_epoch += 1
-                state.global_step += 1
-            elapsed = time.perf_counter() - start
-            shown = {"reward": f"{sums['reward'] / max(count, 1):.3f}"} if self_critical else {}
-            bar.set_postfix(loss=f"{sums['loss'] / max(count, 1):.3f}", **shown, caps_per_s=f"{captions_seen * dist_info.world_size / max(elapsed, 1e-9):.0f}")
-            bar.update(1)
-            if config.save_every_steps and state.global_step % config.save_every_steps == 0:
-                run.checkpoints.save_last(model, config, optimization, state)
-            if config.max_steps and state.global_step >= config.max_steps:
-                break
+                state.skipped_steps += 1
+            # captions the step learnt from: the references, or in self-critical steps the sampled ones
+            captions_seen += len(batch.positions) * config.self_critical_samples if self_critical else len(captions)
+            state.step_in_epoch += 1
+            state.global_step += 1
+        elapsed = time.perf_counter() - start
+        shown = {"reward": f"{sums['reward'] / max(count, 1):.3f}"} if self_critical else {}
+        bar.set_postfix(loss=f"{sums['loss'] / max(count, 1):.3f}", **shown, caps_per_s=f"{captions_seen * dist_info.world_size / max(elapsed, 1e-9):.0f}")
+        bar.update(1)
+        if config.save_every_steps and state.global_step % config.save_every_steps == 0:
+            run.checkpoints.save_last(model, config, optimization, state)
+        if config.max_steps and state.global_step >= config.max_steps:
+            break
     bar.close()
     elapsed = time.perf_counter() - start
     means = {key: value / max(count, 1) for key, value in sums.items()}
@@ -245,12 +242,10 @@ def validation_loss(step_module: nn.Module, data: TrainingData, fine_tuning: boo
     """Teacher-forced cross-entropy on the validation captions (a curve to watch, not what we select on)."""
     step_module.eval()
     total = tokens = 0.0
-    with phases_threads(TRAINING_LOOK_S) as next_phase:
-        for batch, inputs in data.inputs("val", data.val_batches.epoch(0), fine_tuning):
-            next_phase()
-            outputs = step_module(inputs.to(device), batch.captions.to(device), batch.lengths.to(device))
-            total += float(outputs["cross_entropy"]) * float(outputs["tokens"])
-            tokens += float(outputs["tokens"])
+    for batch, inputs in data.inputs("val", data.val_batches.epoch(0), fine_tuning):
+        outputs = step_module(inputs.to(device), batch.captions.to(device), batch.lengths.to(device))
+        total += float(outputs["cross_entropy"]) * float(outputs["tokens"])
+        tokens += float(outputs["tokens"])
     return total / max(tokens, 1.0)
 
 
