@@ -86,3 +86,19 @@ def test_phases_look_at_the_load_again_only_once_their_interval_has_passed(monke
         assert next_phase() == 1 == torch.get_num_threads()  # follows the load phase by phase
         assert len(looks) == 3
     assert torch.get_num_threads() == before
+
+
+def test_a_loop_on_the_free_cores_puts_torch_s_setting_back_when_it_breaks_or_raises(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "other_runnable_tasks", lambda: 50)
+    before = torch.get_num_threads()
+    seen = []
+    for item in threads.on_free_cores(range(5), every_s=0):
+        seen.append(torch.get_num_threads())
+        if item == 2:
+            break
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        for _ in threads.on_free_cores(range(5)):
+            raise RuntimeError("a failing step")
+    assert torch.get_num_threads() == before

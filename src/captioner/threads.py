@@ -25,13 +25,14 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import ParamSpec, TypeVar
 
 from captioner.errors import ConfigError
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 ENV = "CAPTIONER_THREADS"
 MAX_THREADS = 1024
@@ -121,6 +122,16 @@ def phases_threads(every_s: float = 0.0) -> Iterator[Callable[[], int]]:
     finally:
         if torch.get_num_threads() != ceiling:
             torch.set_num_threads(ceiling)
+
+
+def on_free_cores(items: Iterable[T], every_s: float = TRAINING_LOOK_S) -> Iterator[T]:
+    """``items`` one by one, each phase they start (a training step, a batch to encode) given the
+    free cores (:func:`phases_threads`); PyTorch's setting is back when the loop ends, breaks or
+    raises (the generator is closed)."""
+    with phases_threads(every_s) as next_phase:
+        for item in items:
+            next_phase()
+            yield item
 
 
 @contextlib.contextmanager

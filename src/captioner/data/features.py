@@ -24,7 +24,7 @@ from tqdm import tqdm
 from captioner.atomic import write_text_atomic
 from captioner.data.images import Preprocessing, load_image
 from captioner.errors import CaptionerError, ImageLoadError
-from captioner.threads import TRAINING_LOOK_S, phases_threads
+from captioner.threads import on_free_cores
 
 if TYPE_CHECKING:
     from captioner.data.prepare import PreparedDataset
@@ -137,9 +137,8 @@ def build_cache(
         array = np.lib.format.open_memmap(temp_path, mode="w+", dtype=np.float16, shape=shape)
         position = 0
         bar = tqdm(total=len(paths), desc=f"encoding {label} images", unit="img", disable=not progress or None)
-        with torch.inference_mode(), phases_threads(TRAINING_LOOK_S) as next_phase:
-            for images, errors in loader:
-                next_phase()
+        with torch.inference_mode():
+            for images, errors in on_free_cores(loader):
                 raise_image_errors(errors)
                 features = encoder(images.to(device, non_blocking=True))  # (b, P, D)
                 array[position : position + len(features)] = features.to(torch.float16).cpu().numpy()

@@ -36,6 +36,7 @@ from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.evaluation import decode_split, score_split
 from captioner.locking import FolderInUse, exclusive_writer
 from captioner.models.captioner import Captioner, CaptionerConfig
+from captioner.threads import on_free_cores
 from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
 from captioner.training.distributed import Distributed, cleanup, setup, wrap_for_ddp
@@ -169,7 +170,7 @@ def train_one_epoch(run: Run, model: Captioner, step_module: nn.Module, data: Tr
         disable=not (config.progress and dist_info.is_main) or None,
         leave=False,
     )
-    for batch, inputs in data.inputs("train", batches, fine_tuning(config, state.epoch)):
+    for batch, inputs in on_free_cores(data.inputs("train", batches, fine_tuning(config, state.epoch))):  # each step on the cores that are free
         inputs = inputs.to(run.device, non_blocking=True)
         captions, lengths = batch.captions.to(run.device), batch.lengths.to(run.device)
         with optimization.precision.autocast:
@@ -242,7 +243,7 @@ def validation_loss(step_module: nn.Module, data: TrainingData, fine_tuning: boo
     """Teacher-forced cross-entropy on the validation captions (a curve to watch, not what we select on)."""
     step_module.eval()
     total = tokens = 0.0
-    for batch, inputs in data.inputs("val", data.val_batches.epoch(0), fine_tuning):
+    for batch, inputs in on_free_cores(data.inputs("val", data.val_batches.epoch(0), fine_tuning)):
         outputs = step_module(inputs.to(device), batch.captions.to(device), batch.lengths.to(device))
         total += float(outputs["cross_entropy"]) * float(outputs["tokens"])
         tokens += float(outputs["tokens"])
