@@ -557,15 +557,20 @@ class Captioner(nn.Module):
             expected.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
         check_tensors(folder, stored.shapes, expected)
         tensors = stored.tensors()
-        decoder.load_state_dict({k[len("decoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("decoder.")}, assign=True)
+        decoder.load_state_dict(_weights_of(tensors, "decoder."), assign=True)
         model = cls(config, stored.vocab, encoder=encoder, decoder=decoder)
         model.encoder_in_checkpoint = encoder_weights == "checkpoint"
         if model.encoder_in_checkpoint:
-            model.encoder.load_state_dict({k[len("encoder."):]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("encoder.")})
+            model.encoder.load_state_dict(_weights_of(tensors, "encoder."))
         model.decoder_compute = compute
         model = model.to(device).eval()
         model.encoder_runtime = find_encoder_runtime(model, encoder_runtime)
         return model
+
+
+def _weights_of(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One part of a checkpoint's tensors ("decoder.", "encoder."), named as that module names them, floats as float32."""
+    return {k[len(prefix) :]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _encoder_config(config: CaptionerConfig, pretrained: bool) -> EncoderConfig:
