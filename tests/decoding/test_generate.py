@@ -309,9 +309,9 @@ def count_steps(model):
     calls = {"steps": 0}
     step = model.decoder.step
 
-    def counted(tokens, state):
+    def counted(tokens, state, attention=True):
         calls["steps"] += 1
-        return step(tokens, state)
+        return step(tokens, state, attention)
 
     model.decoder.step = counted
     return calls
@@ -337,7 +337,7 @@ def test_a_finished_images_rows_leave_the_batch_and_the_others_captions_do_not_c
     features = features_for(model, batch=5) * torch.tensor([0.1, 1, 3, 10, 30]).view(5, 1, 1)
     rows = []
     step = model.decoder.step
-    model.decoder.step = lambda tokens, state: (rows.append(tokens.shape[0]), step(tokens, state))[1]
+    model.decoder.step = lambda tokens, state, attention=True: (rows.append(tokens.shape[0]), step(tokens, state, attention))[1]
     settings = dict(strategy="beam", beam_size=3, num_return=2, max_length=10)
     batched = model.generate(features, **settings)
     lengths = {len(captions[0].tokens) for captions in batched}
@@ -358,7 +358,7 @@ def test_images_with_fewer_constraints_search_fewer_beams():
     index = model.vocab.index
     rows = []
     step = model.decoder.step
-    model.decoder.step = lambda tokens, state: (rows.append(tokens.shape[0]), step(tokens, state))[1]
+    model.decoder.step = lambda tokens, state, attention=True: (rows.append(tokens.shape[0]), step(tokens, state, attention))[1]
     config = GenerationConfig(strategy="beam", beam_size=2, num_return=1, max_length=6)
     generate(model.decoder, features, model.vocab, config, constraints=[[[index["f"]], [index["a"]]], [], []])
     # two searches: the image with 2 constraints (4 states x 2 beams), then the two with none (2 beams each)

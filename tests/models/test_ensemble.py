@@ -75,6 +75,18 @@ def test_an_ensembles_image_state_kept_once_per_image_steps_as_if_copied_per_bea
     assert shared["1.h"].shape == copied["1.h"].shape == (6, 2, 16) and shared["1.projected"].shape[0] == 2
 
 
+def test_an_ensemble_told_its_attention_is_not_read_skips_averaging_it_and_steps_the_same():
+    first, second = make_model("attention", seed=1, scale=2.0, pretrained=True), make_model("attention", seed=2, scale=2.0, pretrained=True, hidden_dim=16)
+    ensemble = Captioner.ensemble([first, second], views=("plain", "flip")).decoder
+    features = grid_features(first, batch=2)
+    state = ensemble.init_state(torch.cat([features, mirrored(features)], dim=1))
+    tokens = torch.tensor([1, 4])
+    with torch.no_grad():
+        (log_probs, after, alpha), (unread_log_probs, unread_after, unread) = ensemble.step(tokens, state), ensemble.step(tokens, state, attention=False)
+    assert alpha.shape == (2, 9) and unread is None
+    assert torch.equal(log_probs, unread_log_probs) and all(torch.equal(after[key], unread_after[key]) for key in after)
+
+
 @pytest.mark.parametrize("second_attention", [{}, {"attention": "hard", "hard_decoding": "argmax"}])
 def test_two_models_average_their_probabilities_at_every_step(second_attention):
     # (a hard-attention member decodes at its argmax region, in the ensemble's steps as in its own teacher forcing)

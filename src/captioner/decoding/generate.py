@@ -324,7 +324,7 @@ def _log_probs(vocab: Vocabulary, logits: torch.Tensor, history: torch.Tensor, c
         log_probs[ends_badly(vocab, history[:, -4:].tolist()), vocab.end_id] = -math.inf
     if config.block_doubled_words and history.shape[1]:
         log_probs.scatter_(1, history[:, -1:], -math.inf)  # the word before may not come again
-    stuck = ~torch.isfinite(log_probs).any(dim=1)  # (rows,)
+    stuck = ~(log_probs.amax(dim=1) > -math.inf)  # (rows,) nothing left (all -inf, or NaN): one reduction
     if bool(stuck.any()):
         log_probs[stuck, vocab.end_id] = model_log_probs[stuck, vocab.end_id]
     return log_probs
@@ -384,7 +384,7 @@ def _greedy(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
-        logits, state, alpha = decoder.step(tokens, state)
+        logits, state, alpha = decoder.step(tokens, state, config.return_attention)
         log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (B, V)
         if t == config.max_length:  # no room for another word: only <end> can still finish a caption
             ends = ~finished & (log_probs.argmax(dim=1) == vocab.end_id)
@@ -470,7 +470,7 @@ def _beam_search(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, co
         return attention[row] if keep_attention and attention is not None else None
 
     for t in range(config.max_length + 1):
-        logits, state, alpha_t = decoder.step(tokens, state)
+        logits, state, alpha_t = decoder.step(tokens, state, keep_attention)
         log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (B*S*k, V)
         vocab_size = log_probs.shape[1]
         if t == config.max_length:
@@ -579,7 +579,7 @@ def _sample(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), config.max_length, dtype=torch.long, device=device)
     for t in range(config.max_length + 1):
-        logits, state, alpha = decoder.step(tokens, state)
+        logits, state, alpha = decoder.step(tokens, state, config.return_attention)
         log_probs = _log_probs(vocab, _masked(logits, blocked), history, config)  # (rows, V) the model's own
         if t == config.max_length:  # only <end> is still possible: sample whether to stop here
             end_probability = _filtered_probs(log_probs, config)[:, vocab.end_id]

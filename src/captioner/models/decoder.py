@@ -105,11 +105,12 @@ class Decoder(nn.Module):
         """Features (B, P, D) -> the state before the first word (one row per image)."""
         raise NotImplementedError
 
-    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+    def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """Feed one word per row: tokens (R,) -> logits (R, V), next state, attention (R, P) or None.
 
         R = B * k rows for the B rows of the ``image_constant_keys`` entries (k = 1 when they were
-        expanded like the rest)."""
+        expanded like the rest). ``attention=False``: the caller will not read the attention, so a
+        decoder that must assemble it (an ensemble averages its members') may return None."""
         raise NotImplementedError
 
     def forward(

@@ -119,7 +119,7 @@ class EnsembleDecoder(Decoder):
             state.update({f"{d}.{key}": value.reshape(batch, views, *value.shape[1:]) for key, value in member.init_state(by_view).items()})
         return state
 
-    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
+    def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         rows, views = tokens.shape[0], len(self.views)
         images = next((state[key].shape[0] for key in self.image_constant_keys if key in state), rows)
         beams = rows_per_image(rows, images)  # state (R, V, ...) per beam, (B, V, ...) per image; R = B * k
@@ -140,14 +140,14 @@ class EnsembleDecoder(Decoder):
         for d, member in enumerate(self.members):
             prefix = f"{d}."
             own = {key[len(prefix) :]: to_member(value, key in self.image_constant_keys) for key, value in state.items() if key.startswith(prefix)}
-            logits, own, alpha = member.step(every_view, own)
-            log_probs.append(from_member(torch.log_softmax(logits.float(), dim=-1), False))  # (R, V, vocab)
-            if alpha is not None:
+            logits, own, alpha = member.step(every_view, own, attention)
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1).view(images, views, beams, -1))  # (B, V, k, vocab), as the member's rows are
+            if attention and alpha is not None:
                 attentions.append(self._seen_mean(from_member(alpha, False)))  # (R, P)
             next_state.update({prefix + key: from_member(value, prefix + key in self.image_constant_keys) for key, value in own.items()})
-        members = torch.cat(log_probs, dim=1)  # (R, M * V, vocab)
-        mean = torch.logsumexp(members, dim=1) - math.log(members.shape[1])  # (R, vocab) log of the mean probability
-        return mean, next_state, torch.stack(attentions).mean(dim=0) if self.has_attention else None
+        members = torch.stack(log_probs, dim=1).flatten(1, 2)  # (B, M * V, k, vocab)
+        mean = torch.logsumexp(members, dim=1).view(rows, -1) - math.log(members.shape[1])  # (R, vocab) log of the mean probability
+        return mean, next_state, torch.stack(attentions).mean(dim=0) if attentions else None
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, sampling_probability: float = 0.0, hard_attention: str | None = None

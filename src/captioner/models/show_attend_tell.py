@@ -83,9 +83,10 @@ class ShowAttendTell(Decoder):
             return self.classifier(self.dropout(embedded + self.out_hidden(h) + self.out_context(context)))
         return self.classifier(self.dropout(h))
 
-    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
+    def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
         """One word per row; the attention returned is where it read: the weights, or for hard
-        attention decoding at the argmax a one-hot row on the region read."""
+        attention decoding at the argmax a one-hot row on the region read (computed either way:
+        the step needs the weights)."""
         embedded = self.embedding(tokens)  # tokens (B,) -> (B, E)
         state, context, alpha, location = self._recur(embedded, state, self.reading())
         if location is not None:

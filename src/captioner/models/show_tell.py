@@ -43,7 +43,7 @@ class ShowTell(Decoder):
         _, (h, c) = self.lstm(x)  # from a zero state
         return {"h": h.squeeze(0), "c": c.squeeze(0)}
 
-    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState, None]:
+    def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, None]:
         x = self.embedding(tokens).unsqueeze(1)  # (B, 1, E)
         output, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))  # (B, 1, H)
         logits = self.classifier(self.dropout(output.squeeze(1)))  # (B, V)

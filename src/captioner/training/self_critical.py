@@ -111,7 +111,7 @@ def sample_with_log_probs(
     step_log_probs: list[torch.Tensor] = []
     step_rows: list[torch.Tensor] = []
     for t in range(max_length + 1):
-        logits, state, _ = decoder.step(tokens, state)  # (alive, V)
+        logits, state, _ = decoder.step(tokens, state, attention=False)  # (alive, V)
         if not bool(torch.isfinite(logits.detach()).all()):
             raise NonFiniteLogits  # nothing to sample from; the training loop applies its nan_policy
         # The policy is the model's distribution over the words that may be written (<pad>, <start> and
