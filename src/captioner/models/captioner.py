@@ -162,7 +162,7 @@ def build_decoder(config: DecoderConfig, vocab_size: int, feature_dim: int) -> D
         from captioner.models.show_tell import ShowTell
 
         decoder = ShowTell(config, vocab_size, feature_dim)
-    decoder.embedding.weight.requires_grad_(not config.freeze_embeddings)  # also when loaded from a checkpoint
+    decoder.embedding.weight.requires_grad_(not config.fixed_embedding)  # also when loaded from a checkpoint
     return decoder
 
 
@@ -193,6 +193,8 @@ class Captioner(nn.Module):
         self.vocab = vocab
         self.encoder: Encoder = encoder if encoder is not None else build_encoder(_encoder_config(config, pretrained_encoder))
         self.decoder: Decoder = decoder if decoder is not None else build_decoders(config, len(vocab), self.encoder.feature_dim)
+        if decoder is None:
+            self._fill_word_spaces()
         #: The views of each image the decoder reads, side by side along the region axis.
         self.views: tuple[str, ...] = config.ensemble.views if config.ensemble is not None else ("plain",)
         self.preprocessing = config.preprocessing or self.encoder.preprocessing
@@ -206,6 +208,16 @@ class Captioner(nn.Module):
         #: onnxruntime running the encoder on a CPU (:mod:`captioner.models.onnx_encoder`; ``load`` finds
         #: one when it is installed and the encoder was exported); None: PyTorch encodes.
         self.encoder_runtime: OnnxEncoder | None = None
+
+    def _fill_word_spaces(self) -> None:
+        """A new decoder in GloVe word space starts with its fixed embedding: the shipped vectors of
+        the vocabulary's words (a checkpoint brings its own)."""
+        from captioner.models.word_vectors import word_vectors
+
+        for member in self.single_decoders():
+            if member.config.word_space == "glove-50d":
+                with torch.no_grad():
+                    member.embedding.weight.copy_(word_vectors().rows(self.vocab.words))
 
     def decoding_decoder(self) -> Decoder:
         """The decoder that generation runs: this model's, or on a CPU its int8 twin (``decoder_compute``)."""
@@ -461,8 +473,9 @@ class Captioner(nn.Module):
     def extend_vocabulary(self, words: Iterable[str]) -> None:
         """Add the ``words`` the model does not know, each starting as a copy of the known noun nearest
         to it in the shipped word vectors (Hendricks et al. 2016's direct transfer: "zebra" writes as
-        "horse" does). Decoding writes them only where a constraint names them, so captions without
-        constraints stay what they were."""
+        "horse" does); a decoder in GloVe word space takes the word's own vector instead, and only
+        the nearest noun's bias. Decoding writes them only where a constraint names them, so captions
+        without constraints stay what they were."""
         from captioner.models.concepts import noun_words
         from captioner.models.word_vectors import word_vectors
 
@@ -477,7 +490,7 @@ class Captioner(nn.Module):
             if analog is None:
                 raise ConfigError(f"cannot add {word!r} to the model's vocabulary: the shipped word vectors (the 40,000 most common English words) do not have it")
             analogs.append(self.vocab.index[analog])
-        self.decoder.extend_vocabulary(analogs)
+        self.decoder.extend_vocabulary(analogs, word_vectors().rows(new))
         self.vocab = self.vocab.extended(new)
 
     def _result(self, caption: Caption, source: str, tags: list[tuple[str, float]], constraints: list[list[str]]) -> CaptionResult:

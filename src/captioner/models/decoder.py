@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner import ranges
@@ -22,6 +23,12 @@ from captioner.errors import ConfigError
 DecoderState = dict[str, torch.Tensor]
 
 DECODER_KINDS = ("attention", "show_tell")
+#: Where a decoder's words live. "learned": an embedding and an output layer of its own, trained.
+#: "glove-50d": the shipped GloVe 6B 50-d vectors, fixed, as its embedding and, through a learned
+#: projection, its output layer (logits_w = g_w . U x + b_w; Anderson et al. 2017's fixed
+#: embeddings in and out), so a word it never saw can be added at load time with its own vector.
+WORD_SPACES = ("learned", "glove-50d")
+GLOVE_DIM = 50
 ATTENTION_KINDS = ("soft", "hard")
 #: How a hard-attention decoder reads the image when it decodes (and in teacher-forced validation):
 #: the expected feature under its weights, or the feature at their likeliest region.
@@ -43,6 +50,7 @@ class DecoderConfig:
     image_input: str = "init_state"  # show_tell only: "init_state" (project into h0/c0) or "first_step" (feed as input x_-1)
     deep_output: bool = False  # attention only: logits from embedding + hidden + context, as in Xu et al. eq. 7
     freeze_embeddings: bool = False
+    word_space: str = "learned"  # or "glove-50d" (WORD_SPACES): fixed pretrained vectors in and out; embed_dim 50
 
     def __post_init__(self) -> None:
         if self.kind not in DECODER_KINDS:
@@ -63,6 +71,15 @@ class DecoderConfig:
         for name in ("deep_output", "freeze_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")
+        if self.word_space not in WORD_SPACES:
+            raise ConfigError(f"word_space must be one of {', '.join(WORD_SPACES)}, not {ranges.shown(self.word_space)}")
+        if self.word_space == "glove-50d" and self.embed_dim != GLOVE_DIM:
+            raise ranges.SettingError("embed_dim", f"must be {GLOVE_DIM} with word_space = \"glove-50d\" (the vectors are the embedding), not {self.embed_dim}")
+
+    @property
+    def fixed_embedding(self) -> bool:
+        """Whether training leaves the embedding as it is (frozen pretrained vectors, or GloVe's own)."""
+        return self.freeze_embeddings or self.word_space != "learned"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,17 +149,46 @@ class Decoder(nn.Module):
         """
         raise NotImplementedError
 
-    def extend_vocabulary(self, analogs: list[int]) -> None:
-        """Grow the vocabulary by one word per entry: its embedding and its output row (weights and
-        bias) copies of that known word's."""
+    def word_output(self, in_features: int) -> None:
+        """The output layer over the vocabulary, from ``in_features``-wide inputs: ``classifier`` (a
+        Linear to the V words; with GloVe word space, to the 50 dimensions of the vectors, plus one
+        bias per word in ``word_bias``). :meth:`word_logits` applies it."""
+        if self.config.word_space == "learned":
+            self.classifier = nn.Linear(in_features, self.vocab_size)
+            nn.init.zeros_(self.classifier.bias)
+            nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
+        else:
+            self.classifier = nn.Linear(in_features, self.config.embed_dim, bias=False)
+            self.word_bias = nn.Parameter(torch.zeros(self.vocab_size))
+
+    def word_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> logits (..., V); in GloVe word space g_w . U x + b_w, the fixed
+        vectors being the embedding's rows."""
+        if self.config.word_space == "learned":
+            return self.classifier(x)
+        return F.linear(self.classifier(x), self.embedding.weight, self.word_bias)
+
+    def extend_vocabulary(self, analogs: list[int], vectors: torch.Tensor | None = None) -> None:
+        """Grow the vocabulary by one word per entry of ``analogs`` (a known word's index each).
+        Learned word space: the new word's embedding and output row (weights and bias) are copies of
+        its analog's. GloVe word space: its embedding, and so its output row, is its own vector
+        (``vectors``, (n, 50)); its bias is its analog's."""
         index = torch.tensor(analogs, dtype=torch.long, device=self.embedding.weight.device)
+        learned = self.config.word_space == "learned"
+        if not learned and (vectors is None or tuple(vectors.shape) != (len(analogs), self.embedding.weight.shape[1])):
+            raise ConfigError(f"adding words to a decoder in {self.config.word_space} word space needs their vectors, one {self.embedding.weight.shape[1]}-d row per word")
         with torch.no_grad():
-            embedding = torch.cat([self.embedding.weight, self.embedding.weight[index]])  # (V + n, E)
+            rows = self.embedding.weight[index] if learned else vectors.to(self.embedding.weight)  # type: ignore[union-attr]
+            embedding = torch.cat([self.embedding.weight, rows])  # (V + n, E)
             self.embedding = nn.Embedding(embedding.shape[0], embedding.shape[1], padding_idx=0, _weight=embedding)
-            old = self.classifier
-            self.classifier = nn.Linear(old.in_features, old.out_features + len(analogs)).to(old.weight.device)
-            self.classifier.weight.copy_(torch.cat([old.weight, old.weight[index]]))
-            self.classifier.bias.copy_(torch.cat([old.bias, old.bias[index]]))
+            self.embedding.weight.requires_grad_(not self.config.fixed_embedding)
+            if learned:
+                old = self.classifier
+                self.classifier = nn.Linear(old.in_features, old.out_features + len(analogs)).to(old.weight.device)
+                self.classifier.weight.copy_(torch.cat([old.weight, old.weight[index]]))
+                self.classifier.bias.copy_(torch.cat([old.bias, old.bias[index]]))
+            else:
+                self.word_bias = nn.Parameter(torch.cat([self.word_bias, self.word_bias[index]]))
         self.vocab_size += len(analogs)
 
     @staticmethod
@@ -160,7 +206,7 @@ class Decoder(nn.Module):
             raise ConfigError(f"word vectors have shape {tuple(vectors.shape)}, the embedding needs {tuple(embedding.weight.shape)}")
         with torch.no_grad():
             embedding.weight[found] = vectors[found].to(embedding.weight.dtype)
-        embedding.weight.requires_grad_(not self.config.freeze_embeddings)
+        embedding.weight.requires_grad_(not self.config.fixed_embedding)
 
 
 def word_embedding(vocab_size: int, dim: int) -> nn.Embedding:

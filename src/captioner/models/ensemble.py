@@ -89,9 +89,9 @@ class EnsembleDecoder(Decoder):
         self.has_attention = all(decoder.has_attention for decoder in decoders)
         self.image_constant_keys = tuple(f"{d}.{key}" for d, decoder in enumerate(decoders) for key in decoder.image_constant_keys)
 
-    def extend_vocabulary(self, analogs: list[int]) -> None:
+    def extend_vocabulary(self, analogs: list[int], vectors: torch.Tensor | None = None) -> None:
         for member in self.members:
-            member.extend_vocabulary(analogs)
+            member.extend_vocabulary(analogs, vectors)
         self.vocab_size += len(analogs)
 
     def _view(self, features: torch.Tensor, view: int) -> torch.Tensor:

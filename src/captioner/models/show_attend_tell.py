@@ -39,11 +39,7 @@ class ShowAttendTell(Decoder):
         if config.deep_output:
             self.out_hidden = nn.Linear(H, E)
             self.out_context = nn.Linear(D, E)
-            self.classifier = nn.Linear(E, vocab_size)
-        else:
-            self.classifier = nn.Linear(H, vocab_size)
-        nn.init.zeros_(self.classifier.bias)
-        nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
+        self.word_output(E if config.deep_output else H)
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
         mean = features.mean(dim=1)  # (B, D)
@@ -80,8 +76,8 @@ class ShowAttendTell(Decoder):
     def _logits(self, embedded: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The word distribution from one step's outputs (any leading shape): (..., V)."""
         if self.config.deep_output:
-            return self.classifier(self.dropout(embedded + self.out_hidden(h) + self.out_context(context)))
-        return self.classifier(self.dropout(h))
+            return self.word_logits(self.dropout(embedded + self.out_hidden(h) + self.out_context(context)))
+        return self.word_logits(self.dropout(h))
 
     def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
         """One word per row; the attention returned is where it read: the weights, or for hard

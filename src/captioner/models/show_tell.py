@@ -31,9 +31,7 @@ class ShowTell(Decoder):
             self.image_embedding = nn.Linear(D, E)
         self.lstm = nn.LSTM(E, H, batch_first=True)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(H, vocab_size)
-        nn.init.zeros_(self.classifier.bias)
-        nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
+        self.word_output(H)
 
     def init_state(self, features: torch.Tensor) -> DecoderState:
         image = features.mean(dim=1)  # (B, D)
@@ -46,7 +44,7 @@ class ShowTell(Decoder):
     def step(self, tokens: torch.Tensor, state: DecoderState, attention: bool = True) -> tuple[torch.Tensor, DecoderState, None]:
         x = self.embedding(tokens).unsqueeze(1)  # (B, 1, E)
         output, (h, c) = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))  # (B, 1, H)
-        logits = self.classifier(self.dropout(output.squeeze(1)))  # (B, V)
+        logits = self.word_logits(self.dropout(output.squeeze(1)))  # (B, V)
         return logits, {"h": h.squeeze(0), "c": c.squeeze(0)}, None
 
     def forward(
@@ -61,7 +59,7 @@ class ShowTell(Decoder):
         packed = pack_padded_sequence(embedded, steps, batch_first=True, enforce_sorted=False)
         output, _ = self.lstm(packed, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
         # The classifier runs on real steps only (packed data), then is laid out as (B, T-1, V).
-        logits_packed = self.classifier(self.dropout(output.data))  # (sum of steps, V)
+        logits_packed = self.word_logits(self.dropout(output.data))  # (sum of steps, V)
         logits, _ = pad_packed_sequence(output._replace(data=logits_packed), batch_first=True, total_length=total)
         return DecoderOutput(logits)
 
@@ -74,7 +72,7 @@ class ShowTell(Decoder):
         for t in range(inputs.shape[1]):
             tokens = inputs[:, t] if t == 0 else self.scheduled_inputs(inputs[:, t], per_step[-1], probability)
             output, (h, c) = self.lstm(self.dropout(self.embedding(tokens)).unsqueeze(1), (h, c))  # (B, 1, H)
-            per_step.append(self.classifier(self.dropout(output.squeeze(1))))  # (B, V)
+            per_step.append(self.word_logits(self.dropout(output.squeeze(1))))  # (B, V)
         logits = torch.stack(per_step, dim=1)  # (B, T-1, V)
         real = torch.arange(inputs.shape[1]) < steps.unsqueeze(1)  # (B, T-1)
         return logits * real.unsqueeze(2).to(logits.device, logits.dtype)

@@ -161,6 +161,7 @@ class TrainConfig:
             (self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.self_critical_start < 0 or self.fine_tune_encoder == 0, "self-critical training runs on cached features: it cannot be combined with fine_tune_encoder"),
             (self.word_vectors or not self.decoder.freeze_embeddings, "decoder.freeze_embeddings keeps pretrained word vectors fixed: it needs word_vectors (a GloVe-format file)"),
+            (not self.word_vectors or self.decoder.word_space == "learned", 'word_vectors loads a file into a learned embedding; decoder.word_space = "glove-50d" brings its own vectors'),
         ]
         for ok, message in checks:
             if not ok:
