@@ -104,7 +104,8 @@ class TutorialStep:
                 state[f"h {d} {v}"], state[f"c {d} {v}"] = member.init_h(mean), member.init_c(mean)
         return state
 
-    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor], attention: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
+        """One step of every decoder on every view; no attention returned (the search keeps none)."""
         new, log_probs = dict(state), []
         for d, member in enumerate(self.members):
             embeddings = member.embedding(tokens)  # (k, E)
@@ -149,7 +150,7 @@ def tutorial_beam_search(model: Captioner, features: torch.Tensor, k: int, max_l
     complete, complete_scores = [], []
     step = 1
     while True:
-        logits, state, _ = decoder.step(previous_words, state)
+        logits, state, _ = decoder.step(previous_words, state, False)  # no attention kept, on either side
         scores = top_scores.unsqueeze(1) + torch.log_softmax(logits, dim=1)  # (s, V)
         if step == 1:
             top_scores, top_words = scores[0].topk(k)
@@ -186,7 +187,7 @@ def tutorial_greedy(model: Captioner, features: torch.Tensor, max_length: int, d
     word = torch.tensor([vocab.start_id])
     words = []
     for _ in range(max_length):
-        logits, state, _ = decoder.step(word, state)
+        logits, state, _ = decoder.step(word, state, False)
         word = logits.argmax(dim=1)
         if int(word) == vocab.end_id:
             break
