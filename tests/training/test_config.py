@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from captioner.errors import ConfigError
@@ -91,3 +93,9 @@ def test_every_numeric_setting_has_a_checked_range(name, value):
     with pytest.raises(SettingError) as raised:
         TrainConfig.from_dict(apply_overrides({}, [f"{name}={value}"]))
     assert raised.value.setting == name and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml")), ids=lambda path: path.name)
+def test_every_shipped_config_is_a_valid_run(path):
+    config = TrainConfig.from_dict(load_config_file(path))
+    assert config.data and config.out.startswith(("runs/", "demo/"))

@@ -1,11 +1,13 @@
 """The same train command under torchrun: 2 processes on CPU (gloo), checkpoints from rank 0 only,
-resumed across the switch to self-critical training."""
+language pretraining on rank 0 only, resumed across the switch to self-critical training."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+
+from captioner.data.prepare import PreparedDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_process")  # several processes share the cores here
 
@@ -24,9 +26,12 @@ def test_two_processes_on_cpu_train_and_resume(shapes_prepared, tmp_path):
         "--set", "decoder_lr=3e-3", "--set", "val_beam_size=1", "--set", "workers=0", "--set", "seq_per_img=3",
         "--set", "self_critical_start=2", "--set", "self_critical_lr=5e-4",  # epochs 3-4: self-critical, under DDP too
     ]
-    result = torchrun(*settings, "--epochs", "2")
+    # the new run first learns the language from text (rank 0 alone; every checkpoint checks both ranks hold the same weights)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(c for captions in PreparedDataset(shapes_prepared).references("train").values() for c in captions[:1]) + "\n")
+    result = torchrun(*settings, "--epochs", "2", "--set", f"language_text={text}", "--set", "language_batch_size=64")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 processes" in result.stdout
+    assert "2 processes" in result.stdout and result.stdout.count("language epoch 1/1") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]  # written once, by rank 0
     state = json.loads((out / "last" / "training_state.json").read_text())

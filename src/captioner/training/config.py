@@ -45,6 +45,8 @@ WHOLE_NUMBER_RANGES = (
     ("encode_batch_size", 1, 4096),
     ("save_every_steps", 0, 10**9),
     ("max_steps", 0, 10**12),
+    ("language_epochs", 1, 1000),
+    ("language_batch_size", 1, 65536),
 )
 #: (setting, lowest, highest, lowest excluded) of every real-number setting: all must be finite.
 NUMBER_RANGES = (
@@ -84,6 +86,10 @@ class TrainConfig:
     #                                 self-critical sampling, and as the saved model's own decoding setting
     block_doubled_words: bool = True  # no word twice in a row ("are are"), likewise
     word_vectors: str | None = None  # GloVe-format text file for the embedding (embed_dim must match)
+    language_text: str | None = None  # sentences, one per line (e.g. Flickr30k's captions): a new run first learns the language
+    #                                    from them alone, as captions of a blank image (training/language.py)
+    language_epochs: int = 1  # passes over language_text before the first image epoch
+    language_batch_size: int = 256  # sentences per language step
     # ----- optimisation
     epochs: int = 20
     batch_size: int = 32  # images per batch; each brings seq_per_img captions

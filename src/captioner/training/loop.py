@@ -41,6 +41,7 @@ from captioner.training.config import TrainConfig
 from captioner.training.data import TrainingData, load_dataset
 from captioner.training.distributed import Distributed, cleanup, setup, wrap_for_ddp
 from captioner.training.hard_attention import batch_reading, caption_log_likelihood, next_baseline, reinforce_term
+from captioner.training.language import pretrain_language
 from captioner.training.optimization import Optimization
 from captioner.training.self_critical import CaptionRewards, SentenceRules, self_critical_loss
 from captioner.training.state import STATE_JSON, TRAIN_CONFIG, Checkpoints, RunState, set_rng_state
@@ -339,6 +340,10 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], *, resume
     torch.manual_seed(config.seed + dist_info.rank)
     np.random.seed(config.seed)
     model = build_model(config, dataset, word_vectors=resume_from is None).to(device)
+    # Language pretraining: only in a new run, before anything is saved (every checkpoint comes after
+    # it), and on rank 0 alone; DDP gives every rank rank 0's weights when it wraps the model.
+    if config.language_text and resume_from is None and dist_info.is_main:
+        pretrain_language(model, config, dataset, device, log, progress=config.progress and dist_info.is_main)
     optimization = Optimization.for_run(model, config, device)
     state, saved_rngs = run.checkpoints.restore(resume_from, model, optimization) if resume_from else (RunState(), None)
     if resume_from:
@@ -505,8 +510,9 @@ def _prepare_run_folder(config: TrainConfig, out: Path, *, resume: bool, overwri
 
 
 def _new_run_config(config: TrainConfig) -> TrainConfig:
-    """A new run's config: its data named by absolute path, so checkpoints say where their data is from any folder."""
-    return replace(config, data=str(Path(config.data).resolve()))
+    """A new run's config: its data (and language text) named by absolute path, so checkpoints say where their data is from any folder."""
+    language_text = str(Path(config.language_text).resolve()) if config.language_text else None
+    return replace(config, data=str(Path(config.data).resolve()), language_text=language_text)
 
 
 #: Settings of this invocation, not of the run: a resumed run always takes them as given now.
