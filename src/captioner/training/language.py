@@ -12,7 +12,8 @@ that is also a validation or test reference of the prepared set (after tokenisin
 text drawn from a superset of the photos cannot teach the model its evaluation captions.
 
 The phase happens only in a new run, before anything is saved: every checkpoint, and so every
-resume, comes after it. A run stopped during the phase starts again with ``--overwrite``.
+resume, comes after it. A run stopped during the phase has saved nothing yet and is started again
+as it was.
 """
 
 from __future__ import annotations

@@ -343,7 +343,7 @@ def _train(config: TrainConfig, out: Path, log: Callable[[str], None], *, resume
     # Language pretraining: only in a new run, before anything is saved (every checkpoint comes after
     # it), and on rank 0 alone; DDP gives every rank rank 0's weights when it wraps the model.
     if config.language_text and resume_from is None and dist_info.is_main:
-        pretrain_language(model, config, dataset, device, log, progress=config.progress and dist_info.is_main)
+        pretrain_language(model, config, dataset, device, log, progress=config.progress)
     optimization = Optimization.for_run(model, config, device)
     state, saved_rngs = run.checkpoints.restore(resume_from, model, optimization) if resume_from else (RunState(), None)
     if resume_from:
