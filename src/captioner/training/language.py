@@ -33,7 +33,7 @@ from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
 from captioner.threads import on_free_cores
 from captioner.training.config import TrainConfig
-from captioner.training.optimization import MixedPrecision
+from captioner.training.optimization import Optimization
 
 #: The largest language text read (its sentences are held in memory, encoded).
 MAX_LANGUAGE_TEXT_BYTES = 1 << 30
@@ -120,8 +120,8 @@ def blank_image_loss(model: Captioner, dataset: PreparedDataset, split: str, dev
 def pretrain_language(
     model: Captioner, config: TrainConfig, dataset: PreparedDataset, device: torch.device, log: Callable[[str], None], *, progress: bool = False
 ) -> None:
-    """``config.language_epochs`` passes over ``config.language_text``: Adam at ``decoder_lr`` on the
-    decoder's parameters, gradient clipping and mixed precision as the run's, its own random order
+    """``config.language_epochs`` passes over ``config.language_text``: a fresh :class:`Optimization`
+    of the run's settings (Adam at ``decoder_lr``, warm-up, clipping, mixed precision), its own random order
     (``config.seed``). Logs each epoch's loss and the validation captions' loss without their images;
     ``progress`` shows a bar."""
     references = [caption for split in ("val", "test") for captions in dataset.references(split).values() for caption in captions]
@@ -131,9 +131,7 @@ def pretrain_language(
         + (f" ({text.evaluation_captions:,d} left out as validation or test captions of {Path(dataset.root).name})" if text.evaluation_captions else "")
         + (f" ({text.too_long:,d} over {MAX_SENTENCE_WORDS} words left out)" if text.too_long else "")
     )
-    parameters = [p for p in model.decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.decoder_lr, weight_decay=config.weight_decay)
-    precision = MixedPrecision.for_run(config, device)
+    optimization = Optimization.for_run(model, config, device)  # the run's optimiser settings, a fresh Adam of its own
     generator = torch.Generator().manual_seed(config.seed)
     log(f"  before: validation captions without their images {blank_image_loss(model, dataset, 'val', device):.3f}")
     for epoch in range(config.language_epochs):
@@ -142,17 +140,12 @@ def pretrain_language(
         batches = text.batches(config.language_batch_size, generator)
         bar = tqdm(batches, desc=f"language epoch {epoch + 1}/{config.language_epochs}", unit="batch", disable=not progress or None, leave=False)
         for rows in on_free_cores(bar):
-            with precision.autocast:
+            with optimization.precision.autocast:
                 loss = text_loss(model, text.tokens[rows].to(device), text.lengths[rows].to(device))
             if not math.isfinite(float(loss.detach())):
                 continue  # as nan_policy "skip"; the image phase applies the run's policy
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()
-            precision.scaler.unscale_(optimizer)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
+            optimization.backward(loss)
+            optimization.step()
             total, steps = total + float(loss.detach()), steps + 1
         seconds = time.perf_counter() - start
         log(
