@@ -582,8 +582,16 @@ class Captioner(nn.Module):
 
 
 def _weights_of(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """One part of a checkpoint's tensors ("decoder.", "encoder."), named as that module names them, floats as float32."""
-    return {k[len(prefix) :]: v.float() if v.is_floating_point() else v for k, v in tensors.items() if k.startswith(prefix)}
+    """One part of a checkpoint's tensors ("decoder.", "encoder."), named as that module names them,
+    floats as float32, each 64-byte aligned as PyTorch allocates: safetensors leaves a tensor at its
+    offset in the file's buffer, where some CPUs' SIMD kernels take another path (an LSTM's outputs
+    then differ in the last bit from those of the model that was saved)."""
+    part = {}
+    for name, tensor in tensors.items():
+        if name.startswith(prefix):
+            tensor = tensor.float() if tensor.is_floating_point() else tensor
+            part[name[len(prefix) :]] = tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+    return part
 
 
 def _encoder_config(config: CaptionerConfig, pretrained: bool) -> EncoderConfig:
