@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from captioner.data.images import load_image
 from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner
-from captioner.data.images import load_image
 from captioner.models.int8_compute import ROW_LEVELS, ROW_SCALE, Int8Linear, Int8LSTM, Int8LSTMCell, int8_twin, resolve_decoder_compute
 from tests.conftest import make_model
 
@@ -20,6 +20,14 @@ DYNAMIC = (Int8Linear, Int8LSTMCell, Int8LSTM)
 @pytest.fixture(scope="module")
 def shipped():
     return Captioner.load("default")
+
+
+@pytest.fixture(scope="module")
+def example_features(shipped):
+    """The shipped model's features of the example photos, both views: (3, 2 * 81, 1280)."""
+    pixels = torch.stack([shipped.preprocessing(load_image(photo)) for photo in sorted(EXAMPLES.glob("*.jpg"))])
+    with torch.inference_mode():
+        return shipped.features(pixels)
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,14 +214,12 @@ def test_int8_matrices_round_each_row_on_its_own_and_rows_do_not_depend_on_each_
         Int8LSTM(nn.LSTM(8, 12, num_layers=2, batch_first=True))
 
 
-def test_an_int8_caption_does_not_depend_on_what_else_is_in_its_batch(shipped):
+def test_an_int8_caption_does_not_depend_on_what_else_is_in_its_batch(shipped, example_features):
     """Each example photo decoded alone and in one batch with the others: the same captions, their
     scores within 0.005. Not bit for bit: the float32 parts (the initial state's matrix product)
     differ in their last bits with the batch size, as in float32 decoding, and can tip one rounding;
     with one input scale per call (the previous int8) the scores moved by 0.009."""
-    pixels = torch.stack([shipped.preprocessing(load_image(photo)) for photo in sorted(EXAMPLES.glob("*.jpg"))])
-    with torch.inference_mode():
-        features = shipped.features(pixels)
+    features = example_features
     together = shipped.generate(features, num_return=3)
     for i in range(features.shape[0]):
         alone = shipped.generate(features[i : i + 1], num_return=3)[0]
@@ -221,7 +227,7 @@ def test_an_int8_caption_does_not_depend_on_what_else_is_in_its_batch(shipped):
         assert all(abs(a.score - b.score) < 0.005 and abs(a.log_prob - b.log_prob) < 0.005 for a, b in zip(alone, together[i]))
 
 
-def test_per_row_rounding_is_closer_to_float32_than_one_scale_per_call(shipped, monkeypatch):
+def test_per_row_rounding_is_closer_to_float32_than_one_scale_per_call(shipped, example_features, monkeypatch):
     """The shipped model's first decoder, stepped greedily from the example photos together: the
     largest log-probability error of each step against float32, summed, is smaller than with
     torch.ao's dynamic modules (one input scale per call, what int8 decoding did before; here 1.54
@@ -232,11 +238,10 @@ def test_per_row_rounding_is_closer_to_float32_than_one_scale_per_call(shipped, 
     ours = int8_twin(member)
     monkeypatch.setattr(int8_compute, "_quantized", _torch_ao_dynamic)
     theirs = int8_twin(member)
-    pixels = torch.stack([shipped.preprocessing(load_image(photo)) for photo in sorted(EXAMPLES.glob("*.jpg"))])
     errors = {"ours": 0.0, "theirs": 0.0}
     with torch.inference_mode():
-        state = member.init_state(shipped.decoder._view(shipped.features(pixels), 0))  # the plain view
-        tokens = torch.full((pixels.shape[0],), shipped.vocab.index["<start>"])
+        state = member.init_state(shipped.decoder._view(example_features, 0))  # the plain view
+        tokens = torch.full((example_features.shape[0],), shipped.vocab.index["<start>"])
         for _ in range(8):
             exact, next_state, _ = member.step(tokens, state)
             for name, twin in (("ours", ours), ("theirs", theirs)):
