@@ -12,7 +12,7 @@ from torch import nn
 
 from captioner.data.images import Preprocessing, load_image
 from captioner.errors import ConfigError
-from captioner.models.efficientnet_lite import SPECS, Conv2dSame, EfficientNetLite, load_pretrained
+from captioner.models.efficientnet_lite import SPECS, Conv2dSame, EfficientNetLite, folded_for_int8, load_pretrained
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -102,6 +102,27 @@ def test_conv2d_same_puts_the_extra_padding_bottom_right():
     expected = torch.zeros(1, 1, 4, 4)
     expected[0, 0, :2, :2] = 1.0  # a symmetric (PyTorch) padding would put it in windows 1 and 2 only
     assert torch.equal(conv(x), expected)
+
+
+def test_the_copy_folded_for_int8_gives_the_same_logits_with_no_batch_norm_or_crop(classifiers, photos):
+    model = classifiers("efficientnet_lite0")
+    folded = folded_for_int8(model)
+    images = torch.stack([Preprocessing(224, resize="crop")(photos[k]) for k in photos])
+    with torch.no_grad():
+        assert torch.allclose(folded(images), model(images), atol=1e-3)
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
+    strided = [module for module in folded.modules() if isinstance(module, Conv2dSame)]
+    assert strided and all(module.pad_first for module in strided)
+    assert any(isinstance(module, nn.BatchNorm2d) for module in model.modules()) and not Conv2dSame.pad_first  # the original is untouched
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 9)])
+def test_conv2d_same_padded_first_equals_the_cropped_way(height, width):
+    conv = Conv2dSame(4, 6, 5, stride=2, bias=True)
+    x = torch.randn(2, 4, height, width)
+    expected = conv(x)
+    conv.pad_first = True
+    assert torch.allclose(conv(x), expected, atol=1e-5)
 
 
 # ----- the encoder --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ inputs scaled to [-1, 1] (``captioner.data.images.Preprocessing`` with mean = st
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from dataclasses import dataclass
@@ -55,19 +56,31 @@ class Conv2dSame(nn.Conv2d):
 
     Uneven padding is done without copying the input (``F.pad`` costs ~10% of the model's time on
     CPU): pad ``stride`` more than TF on both sides, which shifts the windows by exactly one output
-    position, and drop the first output row/column.
+    position, and drop the first output row/column. With ``pad_first`` (set by
+    :func:`folded_for_int8`) the input is padded as TF pads it and nothing is dropped: the
+    convolution's output then goes straight to its ReLU6, where int8 rounding wants it.
     """
 
+    pad_first = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        same = self._same(x)  # per spatial dimension: (output size, TF's total padding)
+        if self.pad_first:
+            (_, rows), (_, columns) = same
+            pads = (columns // 2, columns - columns // 2, rows // 2, rows - rows // 2)  # TF: the extra pixel after
+            return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         padding, start, size = [], [], []
-        for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
-            out = math.ceil(n / s)
-            total = max((out - 1) * s + k - n, 0)  # TF: total // 2 before, the rest after
+        for (out, total), s in zip(same, self.stride):
             padding.append(total // 2 + (s if total % 2 else 0))
             start.append(1 if total % 2 else 0)
             size.append(out)
         x = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return x[..., start[0] : start[0] + size[0], start[1] : start[1] + size[1]]
+
+    def _same(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(output size ceil(n / s), TF's total padding) per spatial dimension, as Python ints (constants in an export)."""
+        sides = [int(side) for side in x.shape[-2:]]
+        return [(math.ceil(n / s), max((math.ceil(n / s) - 1) * s + k - n, 0)) for n, k, s in zip(sides, self.kernel_size, self.stride)]
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -165,6 +178,37 @@ class EfficientNetLite(nn.Module):
             self._conv_head = self._bn1 = None
         self._fc = None
         return self
+
+
+def folded_for_int8(model: EfficientNetLite) -> EfficientNetLite:
+    """A copy of ``model`` (in eval mode) for int8 rounding: every batch norm folded into the
+    convolution before it, and SAME padding done before each strided convolution instead of cropped
+    after it. The features are the same within float32 rounding (~4e-5), but each convolution now
+    feeds its ReLU6 directly, so an int8 export rounds the clipped [0, 6] range rather than the raw
+    sums around it (with the crop in between, the stem's sums span about -71 to 102).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+
+    def fold(owner: nn.Module, conv_name: str, norm_name: str) -> None:
+        convolution = getattr(owner, conv_name)
+        fused = fuse_conv_bn_eval(convolution, getattr(owner, norm_name))
+        convolution.weight, convolution.bias = fused.weight, fused.bias
+        setattr(owner, norm_name, nn.Identity())
+
+    fold(folded, "_conv_stem", "_bn0")
+    if folded._conv_head is not None:
+        fold(folded, "_conv_head", "_bn1")
+    for block in folded._blocks:
+        if block.expand:
+            fold(block, "_expand_conv", "_bn0")
+        fold(block, "_depthwise_conv", "_bn1")
+        fold(block, "_project_conv", "_bn2")
+    for module in folded.modules():
+        if isinstance(module, Conv2dSame):
+            module.pad_first = True
+    return folded
 
 
 def weights_path(name: str) -> str:
