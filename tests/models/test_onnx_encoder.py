@@ -1,5 +1,6 @@
 """The encoder through onnxruntime: exported once, checked, then used wherever it is installed."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from captioner.errors import ConfigError
+from captioner.models import onnx_encoder
 from captioner.models.captioner import Captioner
 from captioner.models.onnx_encoder import OnnxEncoder, encoder_key, export_encoder, find_encoder_runtime, onnx_path
 
@@ -65,7 +67,9 @@ def test_without_an_export_pytorch_encodes_and_insisting_on_onnx_is_one_line(tmp
     assert Captioner.load("default").encoder_runtime is None
     with pytest.raises(ConfigError, match=r"its encoder was not exported yet \(run 'captioner export"):
         Captioner.load("default", encoder_runtime="onnx")
-    with pytest.raises(ConfigError, match="encoder runtime must be one of auto, torch, onnx"):
+    with pytest.raises(ConfigError, match=r"cannot encode with onnxruntime in int8: its encoder was not exported in int8 yet \(run 'captioner export MODEL --int8'\)"):
+        Captioner.load("default", encoder_runtime="onnx-int8")
+    with pytest.raises(ConfigError, match="encoder runtime must be one of auto, torch, onnx, onnx-int8"):
         Captioner.load("default", encoder_runtime="tensorrt")
 
 
@@ -87,7 +91,7 @@ def test_fine_tuning_and_other_encoders_never_use_an_export(cache):
     assert find_encoder_runtime(model, "auto") is None
     with pytest.raises(ConfigError, match="comes with its checkpoint"):
         find_encoder_runtime(model, "onnx")
-    from tests.conftest import make_model
+    from conftest import make_model
 
     other = make_model("attention", pretrained=True)  # EfficientNet-Lite0: a different encoder, a different file
     assert encoder_key(other) != key and not onnx_path(other).exists()
@@ -105,3 +109,53 @@ def test_the_export_command_and_the_caption_flag(tmp_path):
     fast = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "onnx"], cwd=ROOT, env=env, capture_output=True, text=True)
     plain = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "torch"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert fast.returncode == plain.returncode == 0 and fast.stdout == plain.stdout
+
+
+# ----- the int8 export -----------------------------------------------------------------------------
+
+
+def fixed_input():
+    return torch.rand(2, 3, 260, 260, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_the_int8_export_rounds_with_the_shipped_ranges_whatever_photos_check_it(cache):
+    model = Captioner.load("default", encoder_runtime="torch")
+    images = pixels(model)
+    path, difference = export_encoder(model, images, int8=True)
+    assert path == onnx_path(model, int8=True) and path.name.endswith("-int8.onnx") and path.stat().st_size < cache[1].stat().st_size / 3
+    assert 0.01 < difference <= onnx_encoder.INT8_TOLERANCE  # int8: close, not equal (0.21 on the examples)
+    import onnxruntime
+
+    first = OnnxEncoder(path, onnxruntime)(fixed_input())
+    export_encoder(model, images.flip(-1), int8=True)  # other photos to check on: the same ranges, the same file
+    assert torch.equal(OnnxEncoder(path, onnxruntime)(fixed_input()), first)
+    fast = Captioner.load("default", encoder_runtime="onnx-int8")
+    assert fast.encoder_runtime.name == "onnx-int8" and Captioner.load("default").encoder_runtime.name == "onnx"  # auto keeps float32
+    dog = fast.caption(EXAMPLES / "dog.jpg")
+    assert "dog" in dog.words and dog.tags[0][0] == "dog"
+
+
+def test_an_encoder_without_shipped_ranges_is_calibrated_on_the_photos_given(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_encoder, "INT8_RANGES_FILE", tmp_path / "none.json")
+    model = Captioner.load("default", encoder_runtime="torch")
+    few = pixels(model)
+    with pytest.raises(ConfigError, match=r"no int8 ranges ship for this encoder \(efficientnet_lite2-head-260\): give at least 32 photos"):
+        export_encoder(model, few, int8=True)
+    noise = torch.Generator().manual_seed(1)
+    photos = torch.cat([few, few.flip(-1)] * 6)[:32]
+    photos = (photos + 0.05 * torch.randn(photos.shape, generator=noise)).clamp(-1, 1)  # 32 photos near the examples
+    path, difference = export_encoder(model, photos, int8=True)
+    assert difference <= onnx_encoder.INT8_TOLERANCE
+
+
+def test_shipped_ranges_that_do_not_fit_the_graph_are_refused(cache, tmp_path, monkeypatch):
+    shipped = json.loads(onnx_encoder.INT8_RANGES_FILE.read_text())
+    ranges = shipped["encoders"]["efficientnet_lite2-head-260"]["ranges"]
+    ranges.pop(sorted(ranges)[0])  # as if the graph had a tensor the ranges were not measured on
+    monkeypatch.setattr(onnx_encoder, "INT8_RANGES_FILE", tmp_path / "ranges.json")
+    onnx_encoder.INT8_RANGES_FILE.write_text(json.dumps(shipped))
+    model = Captioner.load("default", encoder_runtime="torch")
+    before = onnx_path(model, int8=True).read_bytes() if onnx_path(model, int8=True).exists() else None
+    with pytest.raises(ConfigError, match=r"the shipped int8 ranges do not fit this encoder's graph \(1 tensors differ"):
+        export_encoder(model, pixels(model), int8=True)
+    assert (onnx_path(model, int8=True).read_bytes() if onnx_path(model, int8=True).exists() else None) == before  # an earlier export is kept

@@ -545,7 +545,8 @@ class Captioner(nn.Module):
         (CPU only) or ``"auto"``: int8 on a CPU for a checkpoint stored in int8, such as the shipped
         model (its weights are int8 already), float32 otherwise. ``encoder_runtime``: ``"auto"``
         (onnxruntime when installed and the encoder was exported with ``captioner export``, see
-        :mod:`captioner.models.onnx_encoder`), ``"torch"`` or ``"onnx"``.
+        :mod:`captioner.models.onnx_encoder`), ``"torch"``, ``"onnx"`` or ``"onnx-int8"`` (the int8
+        export of ``captioner export --int8``: faster, some captions change).
         """
         from captioner.models.int8_compute import resolve_decoder_compute
         from captioner.models.onnx_encoder import check_encoder_runtime, find_encoder_runtime

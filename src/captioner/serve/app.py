@@ -297,5 +297,5 @@ def model_info(model: "Captioner", name: str) -> dict[str, Any]:
         "views": list(model.views),  # "flip": each image is also read mirrored
         "device": str(model.device),
         "decoder_compute": model.decoder_compute,  # "int8": decoding's per-step matrices in int8
-        "encoder_runtime": "onnx" if model.encoder_runtime is not None else "torch",
+        "encoder_runtime": model.encoder_runtime.name if model.encoder_runtime is not None else "torch",
     }
