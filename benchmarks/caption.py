@@ -6,7 +6,8 @@ vs the same model decoding in float32 (the baseline: how it decoded before int8 
 
 Every side encodes with onnxruntime when the fast extra is installed and ``captioner export default``
 was run (the JSON says which), with PyTorch otherwise; with onnxruntime a fourth side, the shipped
-settings encoding through PyTorch, measures what the export gives a single photo, in the same rounds.
+settings encoding through PyTorch, measures what the export gives a single photo, in the same rounds;
+after ``captioner export default --int8`` a fifth, the shipped settings encoding through the int8 export.
 
 Each round captions every photo once per side, one photo per call (``model.caption(path)``: file
 decoding, preprocessing, both views through the encoder, ImageNet concepts, constrained beam search
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from captioner.models.captioner import Captioner
+from captioner.models.onnx_encoder import onnx_path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: side -> (decoder compute, encoder runtime, caption keywords)
@@ -36,6 +38,7 @@ SIDES = {
     "int8, concepts off": ("auto", "auto", {"concept_constraints": 0}),
 }
 PYTORCH_ENCODER = {"shipped, PyTorch encoder": ("auto", "torch", {})}  # a side only where the others use onnxruntime
+INT8_ENCODER = {"shipped, int8 encoder": ("auto", "onnx-int8", {})}  # a side only after 'captioner export default --int8'
 
 
 def load_sides(sides: dict[str, tuple[str, str, dict]]) -> dict[str, Captioner]:
@@ -56,6 +59,10 @@ def main() -> int:
     if models["shipped (int8, concepts on)"].encoder_runtime is not None:
         sides.update(PYTORCH_ENCODER)
         models.update(load_sides(PYTORCH_ENCODER))
+    int8_export = onnx_path(models["shipped (int8, concepts on)"], int8=True)
+    if int8_export is not None and int8_export.is_file():
+        sides.update(INT8_ENCODER)
+        models.update(load_sides(INT8_ENCODER))
     for side, (_, _, settings) in sides.items():  # warm-up: first calls pay for lazy loading (concept file, word vectors)
         models[side].caption(photos[0], **settings)
     seconds: dict[str, list[list[float]]] = {side: [[] for _ in photos] for side in sides}
@@ -72,7 +79,7 @@ def main() -> int:
     report = {
         "what": "warm model.caption(path) of one photo, shipped default model, beam 3; median over rounds per photo, then over photos",
         "decoder_compute": {side: models[side].decoder_compute for side in sides},
-        "encoder_runtime": {side: "onnx" if models[side].encoder_runtime is not None else "torch" for side in sides},  # onnx after 'captioner export default', with the fast extra
+        "encoder_runtime": {side: models[side].encoder_runtime.name if models[side].encoder_runtime is not None else "torch" for side in sides},  # onnx after 'captioner export default', with the fast extra
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rounds": args.rounds,
         "photos": [str(photo.relative_to(ROOT) if photo.is_relative_to(ROOT) else photo.name) for photo in photos],

@@ -9,7 +9,10 @@ trigrams, sentence rules, visual concepts): ``model.caption_batch`` from encoder
 first 29 of coco_dev (32 everyday photos). Beside it, in the same rounds, two baselines on the same
 model, one image at a time, each the tutorial's beam search of 3 (it has no length penalty, rules
 or concepts, so its captions are shorter: both sides' mean words are recorded), from the same
-features and from the files (each one decoded, preprocessed and encoded alone first):
+features and from the files (each one decoded, preprocessed and encoded alone first). Where
+``captioner export default --int8`` wrote the int8 encoder, the files are also captioned through it
+(``"files, int8 encoder"`` rows, with how many captions differ from the float32 encoder's), against
+the same baselines:
 
 - **the tutorial loop**: the ensemble stepped with the tutorial's arithmetic (:class:`TutorialStep`:
   float32, each decoder and view in turn, the attention's feature projection recomputed for every
@@ -51,9 +54,9 @@ from pathlib import Path
 import torch
 
 from captioner.decoding import GenerationConfig
+from captioner.errors import ConfigError
 from captioner.models.captioner import Captioner, CaptionerConfig
 from captioner.models.decoder import select_state
-
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 COCO_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_dev" / "images"
@@ -225,8 +228,13 @@ def as_shipped(rounds: int) -> list[dict]:
     def ours_from_features(batch: int) -> list[list[str]]:
         return [r.words for start in range(0, len(photos), batch) for r in model.caption_batch(features[start : start + batch], config)]
 
-    def ours_from_files(batch: int) -> list[list[str]]:
-        return [r.words for r in model.caption(photos, batch_size=batch, return_attention=False)]
+    def ours_from_files(batch: int, captioner: Captioner = model) -> list[list[str]]:
+        return [r.words for r in captioner.caption(photos, batch_size=batch, return_attention=False)]
+
+    try:  # the int8 encoder, where 'captioner export default --int8' wrote it: its own rows
+        int8_encoder: Captioner | None = Captioner.load("default", encoder_runtime="onnx-int8")
+    except ConfigError:
+        int8_encoder = None
 
     tutorial = TutorialStep(exact)
     difference = tutorial.check(exact, features[:1])
@@ -246,6 +254,9 @@ def as_shipped(rounds: int) -> list[dict]:
         ("features", "tutorial"): lambda: tutorial_from_features(tutorial), ("files", "tutorial"): lambda: tutorial_from_files(tutorial),
         ("features", "our step"): lambda: tutorial_from_features(None), ("files", "our step"): lambda: tutorial_from_files(None),
     }  # fmt: skip
+    if int8_encoder is not None:
+        sides.update({("files, int8 encoder", batch): (lambda batch=batch: ours_from_files(batch, int8_encoder)) for batch in (1, 32)})
+        int8_encoder.caption(photos[:2])
     model.caption(photos[:2])  # warm-up: lazy loading (concept file, word vectors), first vocabulary extensions
     seconds: dict = {side: [] for side in sides}
     words: dict = {}
@@ -256,9 +267,10 @@ def as_shipped(rounds: int) -> list[dict]:
             seconds[side].append(time.perf_counter() - start)
     median = {side: statistics.median(values) for side, values in seconds.items()}
     rows = []
-    for source in ("features", "files"):
+    for source in ("features", "files") + (("files, int8 encoder",) if int8_encoder is not None else ()):
         for batch in (1, 32):
-            ours, baseline, our_step = (source, batch), (source, "tutorial"), (source, "our step")
+            ours = (source, batch)
+            baseline, our_step = (source.split(",")[0], "tutorial"), (source.split(",")[0], "our step")
             rows.append({
                 "from": source, "batch": batch,
                 "images_per_second": round(len(photos) / median[ours], 1),
@@ -269,8 +281,9 @@ def as_shipped(rounds: int) -> list[dict]:
                 "ms_per_image": round(1000 * median[ours] / len(photos), 1),
                 "mean_words": round(sum(map(len, words[ours])) / len(photos), 2),
                 "tutorial_mean_words": round(sum(map(len, words[baseline])) / len(photos), 2),
+                **({"captions_unlike_the_float32_encoders": sum(a != b for a, b in zip(words[ours], words[("files", batch)]))} if "int8" in source else {}),
             })  # fmt: skip
-            print(f"shipped, from {source:8s} batch {batch:2d}: {rows[-1]['images_per_second']:6.1f} images/s "
+            print(f"shipped, from {source:19s} batch {batch:2d}: {rows[-1]['images_per_second']:6.1f} images/s "
                   f"(tutorial loop {rows[-1]['tutorial_images_per_second']:5.1f}/s, x{rows[-1]['speedup']}; "
                   f"our step one at a time {rows[-1]['our_step_one_at_a_time_images_per_second']:5.1f}/s, x{rows[-1]['speedup_over_our_step_one_at_a_time']})")
     return rows

@@ -1,7 +1,10 @@
 """The image encoder through onnxruntime vs PyTorch: speed, and what it costs on the Flickr8k dev split.
 
-    captioner export default
+    captioner export default && captioner export default --int8
     python benchmarks/encoder.py [--rounds 5] [--dev data/f8k] [--out benchmarks/results/encoder.json]
+
+Runtimes: PyTorch, onnxruntime in float32 and, where ``captioner export default --int8`` wrote it,
+onnxruntime in int8 (``"onnx-int8"``).
 
 Speed: the shipped model's encoder (EfficientNet-Lite2, 260 px) on the example photos and the
 first coco_dev ones, at batch 1 and 16, each runtime in turn within every round (medians over
@@ -51,11 +54,19 @@ def encoder_gflops(model: Captioner, pixels: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def runtimes() -> list[str]:
+    """torch, onnx, and onnx-int8 where it was exported."""
+    from captioner.models.onnx_encoder import onnx_path
+
+    return ["torch", "onnx"] + (["onnx-int8"] if onnx_path(Captioner.load("default", encoder_runtime="torch"), int8=True).is_file() else [])
+
+
 def speed(rounds: int) -> dict:
-    onnx, plain = Captioner.load("default", encoder_runtime="onnx"), Captioner.load("default", encoder_runtime="torch")
+    models = {runtime: Captioner.load("default", encoder_runtime=runtime) for runtime in runtimes()}
+    plain = models["torch"]
     photos = sorted((ROOT / "examples").glob("*.jpg")) + sorted(COCO_DEV.glob("*.jpg"))[:13]
     pixels = torch.stack([plain.preprocessing(load_image(path, draft=plain.preprocessing.draft_size)) for path in photos])  # (16, 3, S, S)
-    runs = {"torch": lambda x: plain.encoder(x), "onnx": lambda x: onnx.encoder_runtime(x)}  # one view: the encoder alone
+    runs = {runtime: model.encoder_runtime or model.encoder for runtime, model in models.items()}  # one view: the encoder alone
     rows = {}
     flops = encoder_gflops(plain, pixels)
     for batch in (1, 16):
@@ -76,7 +87,7 @@ def speed(rounds: int) -> dict:
         "encoder_gflop_per_image": round(flops, 2),
         "sgemm_gflops": round(rate, 1),
         "ms_per_image": {str(batch): row for batch, row in rows.items()},
-        "speedup": {str(batch): round(row["torch"] / row["onnx"], 2) for batch, row in rows.items()},
+        "speedup_over_torch": {str(batch): {name: round(row["torch"] / ms, 2) for name, ms in row.items() if name != "torch"} for batch, row in rows.items()},
         "share_of_sgemm": {str(batch): {name: round(flops / (ms / 1000) / rate, 2) for name, ms in row.items()} for batch, row in rows.items()},
     }
 
@@ -90,7 +101,7 @@ def dev_split(prepared: str) -> dict:
     paths = [dataset.image_path(index) for index in dataset.split_images("val")]
     config = GenerationConfig.for_captions(3, 1, return_attention=False)
     report, texts = {}, {}
-    for runtime in ("torch", "onnx"):
+    for runtime in runtimes():
         model = Captioner.load("default", encoder_runtime=runtime)
         features = np.concatenate([
             model.features(torch.stack([model.preprocessing(load_image(path, draft=model.preprocessing.draft_size)) for path in paths[start : start + 16]])).numpy()
@@ -101,7 +112,7 @@ def dev_split(prepared: str) -> dict:
         checks = caption_checks(dataset, captions)
         report[runtime] = {"BLEU-4": round(scores["BLEU-4"], 2), "CIDEr-D": round(scores["CIDEr-D"], 2), "CIDEr-D 95% interval": checks["CIDEr-D 95% interval"]}
         texts[runtime] = [captions[index].text for index in sorted(captions)]
-    report["captions_differing"] = sum(a != b for a, b in zip(texts["torch"], texts["onnx"]))
+    report["captions_differing_from_torch"] = {runtime: sum(a != b for a, b in zip(texts["torch"], texts[runtime])) for runtime in texts if runtime != "torch"}
     report["images"] = len(paths)
     return report
 
@@ -113,7 +124,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "encoder.json")
     args = parser.parse_args()
     report = {
-        "what": "the shipped model's encoder, PyTorch vs onnxruntime (after 'captioner export default'), ms per image (median over rounds)",
+        "what": "the shipped model's encoder, PyTorch vs onnxruntime in float32 and int8 (after 'captioner export default [--int8]'), ms per image (median over rounds)",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "speed": speed(args.rounds),
     }
