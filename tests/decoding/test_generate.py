@@ -385,12 +385,13 @@ def _careless_model():
     """A model that likes to end right after "a" and to say "b b"."""
     from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
 
-    model = make_model("show_tell", seed=6, words=("a", "b", "c", "d"), scale=0.5)
-    model.vocab = Vocabulary(list(SPECIAL_TOKENS) + ["a", "b", "c", "d"], bad_endings=("a", "c d"))
+    model = make_model("show_tell", seed=6, words=("a", "b", "c", "d", "and"), scale=0.5)
+    model.vocab = Vocabulary(list(SPECIAL_TOKENS) + ["a", "b", "c", "d", "and"], bad_endings=("a", "c d"))
     with torch.no_grad():
         model.decoder.classifier.bias[model.vocab.end_id] = 1.5
         model.decoder.classifier.bias[model.vocab.index["a"]] = 1.3
         model.decoder.classifier.bias[model.vocab.index["b"]] = 1.0
+        model.decoder.classifier.bias[model.vocab.index["and"]] = 1.0
     return model
 
 
@@ -406,14 +407,30 @@ def test_the_sentence_rules_hold_for_every_strategy(strategy):
     def ends_badly(words):
         return bool(words) and (words[-1] == "a" or words[-2:] == ["c", "d"])
 
-    def doubled(words):
-        return any(x == y for x, y in zip(words, words[1:]))
+    def doubled(words):  # "b b", or "b and b"
+        return any(x == y for x, y in zip(words, words[1:])) or any(x == z and y == "and" for x, y, z in zip(words, words[1:], words[2:]))
 
     assert any(ends_badly(c.words) or doubled(c.words) for c in plain)  # the model does it unless told not to
     for caption in ruled:
         assert not doubled(caption.words), caption.text
         assert not (caption.finished and ends_badly(caption.words)), caption.text
     assert vocab.bad_endings == ("a", "c d")
+
+
+def test_a_word_may_not_follow_itself_nor_itself_and_a_joiner():
+    from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
+    from captioner.decoding.generate import block_doubled_words
+
+    vocab = Vocabulary(list(SPECIAL_TOKENS) + ["red", "blue", "and", "or", "a"])
+    red, blue, and_, or_, a = (vocab.index[word] for word in ("red", "blue", "and", "or", "a"))
+    scores = torch.zeros(4, len(vocab))
+    last, before = torch.tensor([and_, or_, a, red]), torch.tensor([red, blue, red, blue])  # "red and", "blue or", "red a", "blue red"
+    block_doubled_words(vocab, scores, last, before)
+    blocked = {(row, word) for row, word in (scores == -math.inf).nonzero().tolist()}
+    assert blocked == {(0, and_), (0, red), (1, or_), (1, blue), (2, a), (3, red)}  # "red and red", "blue or blue" too
+    first = torch.zeros(1, len(vocab))
+    block_doubled_words(vocab, first, torch.tensor([and_]), None)  # one word so far: only itself
+    assert (first == -math.inf).nonzero().tolist() == [[0, and_]]
 
 
 # ----- constrained beam search ------------------------------------------------------------------

@@ -126,6 +126,7 @@ def test_sampling_follows_the_sentence_rules_and_scores_the_policy_it_samples():
     bad = {vocab.index[word] for word in ("a", "and", "red", "blue")}
     for row, words in enumerate(captions):
         assert all(a != b for a, b in zip(words, words[1:])), words
+        assert all(not (a == c and b == vocab.index["and"]) for a, b, c in zip(words, words[1:], words[2:])), words
         finished = int(mask[row].sum()) == len(words) + 1
         if finished and words:
             ended += 1
@@ -140,6 +141,8 @@ def test_sampling_follows_the_sentence_rules_and_scores_the_policy_it_samples():
             step[blocked] = -math.inf
             if t > 0:
                 step[ids[t]] = -math.inf  # no word twice in a row
+                if t > 1 and ids[t] == vocab.index["and"]:
+                    step[ids[t - 1]] = -math.inf  # nor twice around "and"
                 if ids[t] in bad:
                     step[vocab.end_id] = -math.inf
             expected.append(float(torch.log_softmax(step, dim=-1)[ids[t + 1]]))

@@ -74,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops: exact (what running to --max-length finds) or heuristic (sooner; default: the model's own)")
     parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); default: the model's own")
-    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; default: the model's own")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row (\"are are\") nor twice around and/or (\"a red and red\"); default: the model's own")
     parser.add_argument("--tags", action="store_true", help="also print each image's visual concepts (what the encoder's ImageNet classifier sees) and their probabilities")
     parser.add_argument("--require", action="append", default=[], metavar="WORDS", help="the caption must name one of these comma-separated words (repeatable: --require cat,kitten --require laptop); words the model never learnt are added")
     parser.add_argument("--concepts", type=int, metavar="N", help="the caption must name up to N of the image's likeliest visual concepts, 0: none (default: the model's own)")

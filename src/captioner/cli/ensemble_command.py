@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in its captions unless told otherwise, 0: off (default: the first model's)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when its beam search stops unless told otherwise (default: the first model's)")
     parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); its own default unless told otherwise (default: the first model's)")
-    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; its own default unless told otherwise (default: the first model's)")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row nor twice around and/or; its own default unless told otherwise (default: the first model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.set_defaults(run=run)
 

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-repeat-ngram", type=int, metavar="N", help="no N-gram twice in a caption, 0: off (default: the model's own, off unless it says otherwise)")
     parser.add_argument("--early-stopping", choices=("exact", "heuristic"), help="when beam search stops (default: the model's own)")
     parser.add_argument("--block-bad-endings", action=argparse.BooleanOptionalAction, help="never end a caption on what the training captions never end on (\"a\", \"in a blue\"); default: the model's own")
-    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row; default: the model's own")
+    parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row (\"are are\") nor twice around and/or (\"a red and red\"); default: the model's own")
     parser.add_argument("--concepts", type=int, metavar="N", help="each caption must name up to N of its image's likeliest visual concepts, 0: none (default: the model's own)")
     parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely (default: the model's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")

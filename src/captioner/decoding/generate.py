@@ -67,7 +67,7 @@ class GenerationConfig:
     length_penalty: float | None = None  # GNMT alpha: rank by log_prob / ((5 + n) / 6) ** alpha, n = scored tokens
     no_repeat_ngram_size: int | None = None  # block any n-gram from appearing twice in a caption (0: off)
     block_bad_endings: bool | None = None  # no <end> right after a word the training captions never end on ("a", "in", ...)
-    block_doubled_words: bool | None = None  # no word right after itself ("are are")
+    block_doubled_words: bool | None = None  # no word right after itself ("are are") or after itself and "and" / "or" ("red and red")
     constraints: tuple[tuple[str, ...], ...] = ()  # words every caption must name: one of each tuple ("cat", "cats", "kitten")
     concept_constraints: int | None = None  # up to this many constraints in all from each image's visual concepts (0: none)
     concept_threshold: float | None = None  # ... the concepts at least this likely
@@ -308,8 +308,8 @@ def _log_probs(vocab: Vocabulary, logits: torch.Tensor, history: torch.Tensor, c
     Never generated: <pad>, <start>, <unk> (unless allowed), <end> before ``min_length``, a word
     that repeats an n-gram (``no_repeat_ngram_size``), <end> right after a bad ending
     (``block_bad_endings``: a word the training captions never end on), a word right after itself
-    (``block_doubled_words``). Where these rules leave a row no token at all (a tiny vocabulary, a
-    long ``min_length``), <end> is allowed there: decoding always ends.
+    or after itself and "and" / "or" (``block_doubled_words``). Where these rules leave a row no
+    token at all (a tiny vocabulary, a long ``min_length``), <end> is allowed there: decoding always ends.
     """
     model_log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_probs = model_log_probs.clone()
@@ -323,11 +323,29 @@ def _log_probs(vocab: Vocabulary, logits: torch.Tensor, history: torch.Tensor, c
     if config.block_bad_endings and vocab.bad_endings and history.shape[1]:
         log_probs[ends_badly(vocab, history[:, -4:].tolist()), vocab.end_id] = -math.inf
     if config.block_doubled_words and history.shape[1]:
-        log_probs.scatter_(1, history[:, -1:], -math.inf)  # the word before may not come again
+        block_doubled_words(vocab, log_probs, history[:, -1], history[:, -2] if history.shape[1] > 1 else None)
     stuck = ~(log_probs.amax(dim=1) > -math.inf)  # (rows,) nothing left (all -inf, or NaN): one reduction
     if bool(stuck.any()):
         log_probs[stuck, vocab.end_id] = model_log_probs[stuck, vocab.end_id]
     return log_probs
+
+
+#: Words that join two of a kind: the word before one may not come right after it ("a red and red").
+JOINERS = ("and", "or")
+
+
+def block_doubled_words(vocab: Vocabulary, scores: torch.Tensor, last: torch.Tensor, before_last: torch.Tensor | None) -> None:
+    """Set -inf in ``scores`` (rows, V), in place, for each row's last word (``last`` (rows,): no "are
+    are") and, where that word is "and" or "or", for the word before it (``before_last`` (rows,), None
+    after one word: no "a red and red"; 4 of Flickr8k's 30,000 training captions have one). The one
+    rule for decoding and self-critical sampling; no host sync."""
+    scores.scatter_(1, last.unsqueeze(1), -math.inf)
+    joiners = [vocab.index[word] for word in JOINERS if word in vocab.index]
+    if before_last is None or not joiners:
+        return
+    joined = torch.isin(last, torch.tensor(joiners, device=last.device)).unsqueeze(1)  # (rows, 1)
+    banned = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, before_last.unsqueeze(1), joined)  # (rows, V)
+    scores.masked_fill_(banned, -math.inf)  # reads nothing of scores: sampling differentiates through it
 
 
 def ends_badly(vocab: Vocabulary, recent: list[list[int]]) -> list[int]:

@@ -94,7 +94,7 @@ class CaptionerConfig:
     no_repeat_ngram_size: int = 0  # no n-gram of this size twice in a caption (0: off)
     early_stopping: str = "exact"  # when beam search ends: "exact" or "heuristic" (see captioner.decoding)
     block_bad_endings: bool = False  # never end right after a word the training captions do not end on
-    block_doubled_words: bool = False  # never say a word twice in a row
+    block_doubled_words: bool = False  # never say a word twice in a row, nor twice around "and" / "or"
     concept_constraints: int = 0  # up to this many of an image's visual concepts its caption must name (constrained beam search)
     concept_threshold: float = 0.5  # ... those at least this likely
     concept_exclusion: float = 0.0  # with concept constraints on, no word for an animal its concepts give less than this (0: off)

@@ -84,7 +84,7 @@ class TrainConfig:
     max_length: int = 30  # longest caption generated (validation and the saved model's default)
     block_bad_endings: bool = True  # no caption ends on what the training captions never end on ("a", "in a blue"): in validation,
     #                                 self-critical sampling, and as the saved model's own decoding setting
-    block_doubled_words: bool = True  # no word twice in a row ("are are"), likewise
+    block_doubled_words: bool = True  # no word twice in a row ("are are") or around "and" / "or" ("red and red"), likewise
     word_vectors: str | None = None  # GloVe-format text file for the embedding (embed_dim must match)
     language_text: str | None = None  # sentences, one per line (e.g. Flickr30k's captions): a new run first learns the language
     #                                    from them alone, as captions of a blank image (training/language.py)

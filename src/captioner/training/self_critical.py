@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from captioner.data.vocabulary import Vocabulary
-from captioner.decoding.generate import ends_badly
+from captioner.decoding.generate import block_doubled_words, ends_badly
 from captioner.metrics.cider import CiderD
 from captioner.models.decoder import Decoder, repeat_state, select_state
 
@@ -62,7 +62,7 @@ class CaptionRewards:
 
 class SentenceRules:
     """What self-critical sampling may not write, as decoding may not (``block_bad_endings``,
-    ``block_doubled_words``): otherwise the policy learns the endings that decoding refuses."""
+    ``block_doubled_words``, through the same functions): otherwise the policy learns the endings that decoding refuses."""
 
     def __init__(self, vocab: Vocabulary, *, bad_endings: bool, doubled_words: bool) -> None:
         self.vocab, self.bad_endings, self.doubled_words = vocab, bad_endings and bool(vocab.bad_endings), doubled_words
@@ -75,7 +75,8 @@ class SentenceRules:
         if self.bad_endings:
             logits[ends_badly(self.vocab, [words[-4:] for words in histories]), self.vocab.end_id] = -torch.inf
         if self.doubled_words:
-            logits.scatter_(1, previous.unsqueeze(1), -torch.inf)
+            before = torch.tensor([words[-2] for words in histories], device=previous.device) if histories and len(histories[0]) > 1 else None
+            block_doubled_words(self.vocab, logits, previous, before)
         return logits
 
 
