@@ -131,13 +131,13 @@ class EvaluationReport:
         for beam, scores in self.scores.items():
             speed = self.images / max(self.seconds[beam], 1e-9)
             lines.append(f"{beam:>4}  " + "  ".join(f"{scores[name]:7.2f}" for name in names) + f"  {speed:6.1f}")
-        lines.append("beam  objects named: precision / recall / F1, all classes and without person; captions ending on a dangling word; with a doubled word")
+        lines.append("beam  objects named: precision / recall / F1, all classes and without person; captions ending on a dangling word; with a doubled word ('are are' + 'red and red')")
         for beam, checks in self.checks.items():
             mentions = " / ".join(f"{checks[f'object {name}']:.1f}" for name in ("precision", "recall", "F1"))
             without = " / ".join(f"{checks[f'object {name} (no person)']:.1f}" for name in ("precision", "recall", "F1"))
             low, high = checks["CIDEr-D 95% interval"]
             lines.append(
-                f"{beam:>4}  {mentions};  {without};  {checks['dangling endings']} dangling;  {checks['doubled words']} doubled;  CIDEr-D 95% interval {low:.1f}-{high:.1f}"
+                f"{beam:>4}  {mentions};  {without};  {checks['dangling endings']} dangling;  {checks['doubled words']} + {checks['doubled around and/or']} doubled;  CIDEr-D 95% interval {low:.1f}-{high:.1f}"
             )
         return lines
 
@@ -235,7 +235,8 @@ def _evaluate(
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
         "checks": {str(beam): {name: round(value, 2) if isinstance(value, float) else value for name, value in c.items()} for beam, c in checks.items()},
         "checks_described": "object mentions: COCO's 80 classes with synonyms, an object present when 2 references name it, micro-averaged, 0-100; "
-        "dangling endings: captions ending on a determiner, preposition, conjunction, auxiliary or colour; intervals: 95%, 1000 bootstrap resamples of the images",
+        "dangling endings: captions ending on a determiner, preposition, conjunction, auxiliary or colour; doubled words: a word twice in a row; "
+        "doubled around and/or: a word twice around 'and' or 'or' ('a red and red'); intervals: 95%, 1000 bootstrap resamples of the images",
     }
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     lines = []

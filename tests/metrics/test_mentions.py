@@ -26,5 +26,5 @@ def test_precision_recall_and_f1_count_each_image():
 
 
 def test_dangling_endings_and_doubled_words_are_counted():
-    captions = {1: "a man in a red", 2: "two people are are playing", 3: "a dog runs on the grass", 4: ""}
-    assert sentence_checks(captions) == {"dangling endings": 1, "doubled words": 1}
+    captions = {1: "a man in a red", 2: "two people are are playing", 3: "a dog runs on the grass", 4: "", 5: "a red and red ball", 6: "a black and white dog"}
+    assert sentence_checks(captions) == {"dangling endings": 1, "doubled words": 1, "doubled around and/or": 1}

@@ -95,10 +95,12 @@ def mention_scores(generated: Mapping[Hashable, str], references: Mapping[Hashab
 
 
 def sentence_checks(generated: Mapping[Hashable, str]) -> dict[str, int]:
-    """How many captions end on a dangling word, and how many say a word twice in a row."""
-    dangling = doubled = 0
+    """How many captions end on a dangling word, how many say a word twice in a row ("are are"), and
+    how many say one twice around "and" or "or" ("a red and red")."""
+    dangling = doubled = joined = 0
     for caption in generated.values():
         words = caption.split()
         dangling += bool(words) and words[-1] in DANGLING_WORDS
         doubled += any(a == b for a, b in zip(words, words[1:]))
-    return {"dangling endings": dangling, "doubled words": doubled}
+        joined += any(a == c and b in ("and", "or") for a, b, c in zip(words, words[1:], words[2:]))
+    return {"dangling endings": dangling, "doubled words": doubled, "doubled around and/or": joined}
