@@ -164,9 +164,7 @@ def export_encoder(model: Captioner, photos: torch.Tensor, *, int8: bool = False
     ``int8``, the int8 version instead (:func:`export_int8_encoder`: the difference is relative)."""
     if int8:
         return export_int8_encoder(model, photos)
-    path = onnx_path(model)
-    if path is None:
-        raise ConfigError("only an EfficientNet-Lite encoder with its installed weights can be exported (this one is fine-tuned or another backbone)")
+    path = export_path(model)
     runtime = exporting_runtime()
     encoder = model.encoder.eval()
     difference = float("inf")
@@ -182,6 +180,14 @@ def export_encoder(model: Captioner, photos: torch.Tensor, *, int8: bool = False
 
     write_atomic(path, export_and_check)  # a file that fails the check is removed, an earlier export kept
     return path, difference
+
+
+def export_path(model: Captioner, *, int8: bool = False) -> Path:
+    """Where the model's encoder is exported to (a one-line error for an encoder that cannot be)."""
+    path = onnx_path(model, int8=int8)
+    if path is None:
+        raise ConfigError("only an EfficientNet-Lite encoder with its installed weights can be exported (this one is fine-tuned or another backbone)")
+    return path
 
 
 def exporting_runtime() -> Any:
@@ -261,9 +267,7 @@ def export_int8_encoder(model: Captioner, photos: torch.Tensor) -> tuple[Path, f
     is then fixed, whatever the photos), else from ``photos`` themselves."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    path = onnx_path(model, int8=True)
-    if path is None:
-        raise ConfigError("only an EfficientNet-Lite encoder with its installed weights can be exported (this one is fine-tuned or another backbone)")
+    path = export_path(model, int8=True)
     runtime = exporting_runtime()
     ranges = shipped_int8_ranges(model)
     if ranges is None and len(photos) < MIN_CALIBRATION_PHOTOS:
