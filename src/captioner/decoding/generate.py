@@ -344,8 +344,8 @@ def block_doubled_words(vocab: Vocabulary, scores: torch.Tensor, last: torch.Ten
     if before_last is None or not joiners:
         return
     joined = torch.isin(last, torch.tensor(joiners, device=last.device)).unsqueeze(1)  # (rows, 1)
-    banned = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, before_last.unsqueeze(1), joined)  # (rows, V)
-    scores.masked_fill_(banned, -math.inf)  # reads nothing of scores: sampling differentiates through it
+    penalty = torch.zeros(joined.shape, dtype=scores.dtype, device=scores.device).masked_fill_(joined, -math.inf)  # (rows, 1): 0 or -inf
+    scores.scatter_add_(1, before_last.unsqueeze(1), penalty)  # reads nothing of scores: sampling differentiates through it
 
 
 def ends_badly(vocab: Vocabulary, recent: list[list[int]]) -> list[int]:
