@@ -95,6 +95,8 @@ def caption_checks(dataset: PreparedDataset, captions: dict[int, CaptionResult],
     generated = {index: result.text for index, result in captions.items()}
     references = {index: dataset.images[index]["captions"] for index in captions}
     checks: dict[str, float] = {**mention_scores(generated, references), **sentence_checks(generated)}
+    checks["steered by concepts"] = sum(1 for result in captions.values() if any(result.constraints))  # type: ignore[assignment]
+    checks["familiar photos"] = sum(1 for result in captions.values() if result.familiar)  # type: ignore[assignment]
     keys = list(generated)
     per_image = cider_per_image(generated, references)  # once for the split: it tokenizes and scores every image
     cider = np.array([per_image[key] for key in keys])  # (N,)
@@ -131,13 +133,16 @@ class EvaluationReport:
         for beam, scores in self.scores.items():
             speed = self.images / max(self.seconds[beam], 1e-9)
             lines.append(f"{beam:>4}  " + "  ".join(f"{scores[name]:7.2f}" for name in names) + f"  {speed:6.1f}")
-        lines.append("beam  objects named: precision / recall / F1, all classes and without person; captions ending on a dangling word; with a doubled word ('are are' + 'red and red')")
+        lines.append(
+            "beam  objects named: precision / recall / F1, all classes and without person; captions ending on a dangling word; with a doubled word ('are are' + 'red and red');"
+            " captions that had to name a concept (photos familiar to the model)"
+        )
         for beam, checks in self.checks.items():
             mentions = " / ".join(f"{checks[f'object {name}']:.1f}" for name in ("precision", "recall", "F1"))
             without = " / ".join(f"{checks[f'object {name} (no person)']:.1f}" for name in ("precision", "recall", "F1"))
             low, high = checks["CIDEr-D 95% interval"]
             lines.append(
-                f"{beam:>4}  {mentions};  {without};  {checks['dangling endings']} dangling;  {checks['doubled words']} + {checks['doubled around and/or']} doubled;  CIDEr-D 95% interval {low:.1f}-{high:.1f}"
+                f"{beam:>4}  {mentions};  {without};  {checks['dangling endings']} dangling;  {checks['doubled words']} + {checks['doubled around and/or']} doubled;  {checks['steered by concepts']} steered ({checks['familiar photos']} familiar);  CIDEr-D 95% interval {low:.1f}-{high:.1f}"
             )
         return lines
 
@@ -157,6 +162,7 @@ def evaluate_model(
     block_doubled_words: bool | None = None,
     concept_constraints: int | None = None,
     concept_threshold: float | None = None,
+    concept_familiar_percentile: float | None = None,
     limit: int = 0,
     meteor: bool = True,
     out: str | None = None,
@@ -171,7 +177,8 @@ def evaluate_model(
     ranges.whole_number("batch_size", batch_size, 1, 4096)
     settings = {"max_length": max_length, "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
                 "early_stopping": early_stopping, "block_bad_endings": block_bad_endings, "block_doubled_words": block_doubled_words,
-                "concept_constraints": concept_constraints, "concept_threshold": concept_threshold, "return_attention": False}
+                "concept_constraints": concept_constraints, "concept_threshold": concept_threshold,
+                "concept_familiar_percentile": concept_familiar_percentile, "return_attention": False}
     configs = {beam: GenerationConfig.for_captions(beam, **settings) for beam in dict.fromkeys(beams)}  # unique, in the order given
     folder = resolve_model_path(model_path)
     out_dir = Path(out) if out else (Path(f"eval-default-{split}") if str(model_path) == "default" else folder.parent / f"eval-{folder.name}-{split}")
@@ -231,12 +238,15 @@ def _evaluate(
         "block_doubled_words": used.block_doubled_words,
         "concept_constraints": used.concept_constraints,
         "concept_threshold": used.concept_threshold,
+        "concept_familiar_percentile": used.concept_familiar_percentile,
         "beams": {str(beam): {name: round(value, 2) for name, value in s.items()} for beam, s in scores.items()},
         "images_per_second": {str(beam): round(count / max(seconds[beam], 1e-9), 1) for beam in scores},
         "checks": {str(beam): {name: round(value, 2) if isinstance(value, float) else value for name, value in c.items()} for beam, c in checks.items()},
         "checks_described": "object mentions: COCO's 80 classes with synonyms, an object present when 2 references name it, micro-averaged, 0-100; "
         "dangling endings: captions ending on a determiner, preposition, conjunction, auxiliary or colour; doubled words: a word twice in a row; "
-        "doubled around and/or: a word twice around 'and' or 'or' ('a red and red'); intervals: 95%, 1000 bootstrap resamples of the images",
+        "doubled around and/or: a word twice around 'and' or 'or' ('a red and red'); steered by concepts: captions that had to name a visual concept; "
+        "familiar photos: nearer the model's training photos than concept_familiar_percentile % of its dev photos (no concept steers them); "
+        "intervals: 95%, 1000 bootstrap resamples of the images",
     }
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     lines = []

@@ -232,6 +232,7 @@ def test_tags_and_required_words_with_the_shipped_model(tmp_path):
     record = json.loads(out.read_text())
     assert record["tags"][0]["word"] == "dog" and 0 < record["tags"][0]["probability"] <= 1
     assert record["constraints"] == [["ball", "balls"]] and record["constraints_met"] is True
+    assert record["familiar"] is True and lines[2].endswith("(a photo like its training photos: no concept required)"), lines[2]
 
 
 @pytest.mark.parametrize(
@@ -241,6 +242,7 @@ def test_tags_and_required_words_with_the_shipped_model(tmp_path):
         (["--require", "xqzzy"], "xqzzy"),
         (["--concepts", "9"], "--concepts must be a whole number from 0 to 3"),
         (["--concept-threshold", "0"], "--concept-threshold"),
+        (["--familiar-percentile", "101"], "--familiar-percentile must be a number from 0 to 100, not 101"),
         (["--require", "a", "--require", "b", "--require", "c", "--require", "d"], "at most 3"),
     ],
 )

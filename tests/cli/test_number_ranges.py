@@ -26,6 +26,7 @@ EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "dog.jpg")
         (["evaluate", "default", "--limit", "-1"], "--limit must be a whole number from 0"),
         (["evaluate", "default", "--beam", "3", "0"], "--beam must be a whole number from 1 to 100, not 0"),
         (["evaluate", "default", "--batch-size", "0"], "--batch-size must be"),
+        (["evaluate", "default", "--familiar-percentile", "-1"], "--familiar-percentile must be a number from 0 to 100, not -1"),
         (["prepare", "x.csv", "--out", "o", "--min-word-freq", "0"], "--min-word-freq must be a whole number from 1"),
         (["prepare", "x.csv", "--out", "o", "--max-length", "0"], "--max-length must be a whole number from 1 to 1,000"),
         (["shapes", "out", "--num-images", "1000000000"], "--num-images must be a whole number from 3 to 1,000,000"),

@@ -54,7 +54,8 @@ def test_a_models_own_decoding_settings_are_stored_and_used_unless_a_call_says_o
     model.config.length_penalty, model.config.no_repeat_ngram_size = 1.5, 1
     loaded = Captioner.load(model.save(tmp_path / "ckpt"))
     assert loaded.config.decoding_defaults() == {"length_penalty": 1.5, "no_repeat_ngram_size": 1, "early_stopping": "exact", "block_bad_endings": False, "block_doubled_words": False,
-                                                  "concept_constraints": 0, "concept_threshold": 0.5, "concept_exclusion": 0.0, "concept_known_words": 0}
+                                                  "concept_constraints": 0, "concept_threshold": 0.5, "concept_exclusion": 0.0, "concept_known_words": 0,
+                                                  "concept_familiar_percentile": 0.0}
     mine = loaded.caption(image, beam_size=3, max_length=12)
     told = loaded.caption(image, beam_size=3, max_length=12, length_penalty=1.5, no_repeat_ngram_size=1)
     # scores agree to float rounding: on a loaded machine two calls may get different thread counts

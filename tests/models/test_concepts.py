@@ -81,11 +81,12 @@ def test_extending_the_vocabulary_changes_no_unconstrained_caption_and_lets_a_co
 
 
 def test_concepts_become_constraints_above_the_threshold(model):
-    # the dog photo's top concept is dog (p > 0.3): with concept constraints on, the caption names it,
-    # and the result says what it had to name; a threshold above every concept leaves it free
-    constrained = model.caption(EXAMPLES / "dog.jpg", concept_constraints=1, concept_threshold=0.3, concept_known_words=0)
+    # the dog photo's top concept is dog (p > 0.3): with concept constraints on (on every photo, familiar
+    # or not), the caption names it, and the result says what it had to name; a threshold above every
+    # concept leaves it free
+    constrained = model.caption(EXAMPLES / "dog.jpg", concept_constraints=1, concept_threshold=0.3, concept_known_words=0, concept_familiar_percentile=0)
     assert constrained.constraints and "dog" in constrained.constraints[0] and constrained.constraints_met is True
-    free = model.caption(EXAMPLES / "dog.jpg", concept_constraints=1, concept_threshold=1.0, concept_known_words=0)
+    free = model.caption(EXAMPLES / "dog.jpg", concept_constraints=1, concept_threshold=1.0, concept_known_words=0, concept_familiar_percentile=0)
     assert free.constraints == [] and free.constraints_met is None
     # "dog" is among the shipped model's most frequent words: as shipped, it is left to the model
     shipped = model.caption(EXAMPLES / "dog.jpg")

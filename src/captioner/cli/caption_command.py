@@ -58,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "\n"
             "--json FILE writes one JSON object per captioned image:\n"
             '  {"source", "caption", "words", "score", "log_prob", "n_best": [{"caption", "score", "log_prob"}, ...],\n'
-            '   "tags": [{"word", "probability"}, ...], "constraints": [[word, ...], ...], "constraints_met"}\n'
+            '   "tags": [{"word", "probability"}, ...], "constraints": [[word, ...], ...], "constraints_met",\n'
+            '   "familiar" (true: near the model\'s training photos, so no concept was required; null: not asked)}\n'
             '  (plus "attention_figure", its PNG, with --attention).\n'
             "--attention DIR writes NAME.png per image (NAME from the image file; NAME-2.png, ... when two\n"
             "  images share a name): the image with the caption, then each word's attention over the image."
@@ -79,6 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--require", action="append", default=[], metavar="WORDS", help="the caption must name one of these comma-separated words (repeatable: --require cat,kitten --require laptop); words the model never learnt are added")
     parser.add_argument("--concepts", type=int, metavar="N", help="the caption must name up to N of the image's likeliest visual concepts, 0: none (default: the model's own)")
     parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely, 0 < P <= 1 (default: the model's own)")
+    parser.add_argument("--familiar-percentile", type=float, metavar="Q", help="... only on photos farther from the model's training photos than Q%% of its dev photos are, 0 <= Q <= 100; 0: every photo (default: the model's own)")
     parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE, in input order (FILE.partial until the run ends)")
     parser.add_argument("--resume", action="store_true", help="with --json: caption only the images FILE (or the FILE.partial of a run that stopped) does not have yet")
     parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
@@ -155,6 +157,7 @@ FLAGS = {
     "constraints": "--require",
     "concept_constraints": "--concepts",
     "concept_threshold": "--concept-threshold",
+    "concept_familiar_percentile": "--familiar-percentile",
 }
 
 
@@ -169,7 +172,7 @@ def check_options(args: argparse.Namespace) -> GenerationConfig:
             args.beam, args.n_best, max_length=args.max_length, length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
             early_stopping=args.early_stopping, block_bad_endings=args.block_bad_endings, block_doubled_words=args.block_doubled_words,
             constraints=tuple(tuple(word.strip() for word in words.split(",")) for words in args.require),
-            concept_constraints=args.concepts, concept_threshold=args.concept_threshold,
+            concept_constraints=args.concepts, concept_threshold=args.concept_threshold, concept_familiar_percentile=args.familiar_percentile,
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
@@ -206,14 +209,16 @@ def attention_names(paths: list[Path]) -> dict[Path, str]:
 
 def caption_lines(source: str, result: CaptionResult, n_best: int, *, tags: bool = False) -> list[str]:
     """``PATH<TAB>CAPTION``, then ``<TAB>RANK. CAPTION`` for the alternatives when ``n_best`` > 1,
-    then ``<TAB>tags: WORD P, ...`` with ``tags``; a caption that could not name what ``--require``
-    asked for says so on its line."""
+    then ``<TAB>tags: WORD P, ...`` with ``tags`` (and whether the photo was familiar enough to the
+    model to leave its concepts out); a caption that could not name what ``--require`` asked for
+    says so on its line."""
     unmet = "  [does not name every required word]" if result.constraints_met is False else ""
     lines = [f"{source}\t{result.text}{unmet}"]
     if n_best > 1:
         lines.extend(f"\t{rank}. {alternative.text}" for rank, alternative in enumerate(result.n_best[1:n_best], start=2))
     if tags:
-        lines.append("\ttags: " + (", ".join(f"{word} {probability:.2f}" for word, probability in result.tags) or "(none)"))
+        familiar = "  (a photo like its training photos: no concept required)" if result.familiar else ""
+        lines.append("\ttags: " + (", ".join(f"{word} {probability:.2f}" for word, probability in result.tags) or "(none)") + familiar)
     return lines
 
 

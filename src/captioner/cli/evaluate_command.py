@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--block-doubled-words", action=argparse.BooleanOptionalAction, help="never write a word twice in a row (\"are are\") nor twice around and/or (\"a red and red\"); default: the model's own")
     parser.add_argument("--concepts", type=int, metavar="N", help="each caption must name up to N of its image's likeliest visual concepts, 0: none (default: the model's own)")
     parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely (default: the model's own)")
+    parser.add_argument("--familiar-percentile", type=float, metavar="Q", help="... only on photos farther from the model's training photos than Q%% of its dev photos are; 0: every photo (default: the model's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
     parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
@@ -57,6 +58,7 @@ FLAGS = {
     "batch_size": "--batch-size",
     "concept_constraints": "--concepts",
     "concept_threshold": "--concept-threshold",
+    "concept_familiar_percentile": "--familiar-percentile",
 }
 
 
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             block_doubled_words=args.block_doubled_words,
             concept_constraints=args.concepts,
             concept_threshold=args.concept_threshold,
+            concept_familiar_percentile=args.familiar_percentile,
             limit=args.limit,
             meteor=not args.no_meteor,
             out=args.out,

@@ -47,6 +47,7 @@ NEUTRAL_DEFAULTS = {
     "concept_threshold": 0.5,
     "concept_exclusion": 0.0,
     "concept_known_words": 0,
+    "concept_familiar_percentile": 0.0,
 }
 
 
@@ -73,6 +74,7 @@ class GenerationConfig:
     concept_threshold: float | None = None  # ... the concepts at least this likely
     concept_exclusion: float | None = None  # with concept constraints on, no word for an animal the image's concepts give less than this (0: off)
     concept_known_words: int | None = None  # a concept the model says among its N most frequent words is left to it (0: none is)
+    concept_familiar_percentile: float | None = None  # concepts steer only photos farther from the training photos than this % of dev photos (0: every photo)
     allow_unk: bool = False  # <unk> is never generated unless this is True (it is not a word anyone wants to read)
     temperature: float = 1.0  # sample only
     top_k: int = 0  # sample only: keep the k most likely words (0: all)
@@ -106,6 +108,7 @@ class GenerationConfig:
             ranges.number("concept_threshold", self.concept_threshold, 0.0, 1.0, low_open=True)
         ranges.optional_number("concept_exclusion", self.concept_exclusion, 0.0, 1.0)
         ranges.optional_whole_number("concept_known_words", self.concept_known_words, 0, MAX_VOCABULARY)
+        ranges.optional_number("concept_familiar_percentile", self.concept_familiar_percentile, 0.0, 100.0)
         for name in ("allow_unk", "return_attention", "block_bad_endings", "block_doubled_words"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ranges.SettingError(name, f"must be true or false, not {ranges.shown(getattr(self, name))}")

@@ -24,6 +24,7 @@ from captioner.models.concepts import concept_vocabulary
 from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput
 from captioner.models.encoder import Encoder, EncoderConfig, build_encoder
 from captioner.models.ensemble import EnsembleConfig, EnsembleDecoder
+from captioner.models.familiarity import FAMILIARITY_FILE, Familiarity
 from captioner.threads import one_phase, phase_threads
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class CaptionResult:
     tags: list[tuple[str, float]] = field(default_factory=list)  # visual concepts (word, probability), likeliest first
     constraints: list[list[str]] = field(default_factory=list)  # what the caption had to name: per constraint, one of these words
     constraints_met: bool | None = None  # whether it does (None: there were no constraints)
+    familiar: bool | None = None  # near the model's training photos, so its concepts did not steer it (None: not asked)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class CaptionResult:
             "tags": [{"word": word, "probability": round(probability, 4)} for word, probability in self.tags],
             "constraints": self.constraints,
             "constraints_met": self.constraints_met,
+            "familiar": self.familiar,
         }
 
 
@@ -79,6 +82,7 @@ DECODING_DEFAULTS = (
     "concept_threshold",
     "concept_exclusion",
     "concept_known_words",
+    "concept_familiar_percentile",
 )
 
 
@@ -99,6 +103,7 @@ class CaptionerConfig:
     concept_threshold: float = 0.5  # ... those at least this likely
     concept_exclusion: float = 0.0  # with concept constraints on, no word for an animal its concepts give less than this (0: off)
     concept_known_words: int = 0  # concepts the model says among its N most frequent words are left to it (0: none)
+    concept_familiar_percentile: float = 0.0  # concepts steer only photos farther from its training photos than this % of its dev photos (0: all)
 
     def decoding_defaults(self) -> dict[str, Any]:
         """The model's own :class:`~captioner.decoding.GenerationConfig` settings."""
@@ -129,6 +134,7 @@ class CaptionerConfig:
         self.concept_threshold = ranges.number("concept_threshold", self.concept_threshold, 0.0, 1.0, low_open=True)
         self.concept_exclusion = ranges.number("concept_exclusion", self.concept_exclusion, 0.0, 1.0)
         ranges.whole_number("concept_known_words", self.concept_known_words, 0, MAX_VOCABULARY)
+        self.concept_familiar_percentile = ranges.number("concept_familiar_percentile", self.concept_familiar_percentile, 0.0, 100.0)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CaptionerConfig:
@@ -208,6 +214,9 @@ class Captioner(nn.Module):
         #: onnxruntime running the encoder on a CPU (:mod:`captioner.models.onnx_encoder`; ``load`` finds
         #: one when it is installed and the encoder was exported); None: PyTorch encodes.
         self.encoder_runtime: OnnxEncoder | None = None
+        #: How far a photo is from this model's training photos (:mod:`captioner.models.familiarity`),
+        #: from the checkpoint's familiar_photos.safetensors; None when it has none.
+        self.familiarity: Familiarity | None = None
 
     def _fill_word_spaces(self) -> None:
         """A new decoder in GloVe word space starts with its fixed embedding: the shipped vectors of
@@ -279,7 +288,7 @@ class Captioner(nn.Module):
         if first.encoder_in_checkpoint:
             combined.encoder.load_state_dict(first.encoder.state_dict())
             combined.encoder_in_checkpoint = True
-        combined.decoder_compute, combined.encoder_runtime = first.decoder_compute, first.encoder_runtime
+        combined.decoder_compute, combined.encoder_runtime, combined.familiarity = first.decoder_compute, first.encoder_runtime, first.familiarity
         return combined.eval()
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
@@ -413,7 +422,8 @@ class Captioner(nn.Module):
         features = self.features(inputs)
         probabilities = self.concept_probabilities(features)  # (B, concepts) or None
         concepts = concept_vocabulary().top(probabilities) if probabilities is not None else None
-        required = self._required_words(config, concepts, features.shape[0])
+        familiar = self.familiar(features, config)
+        required = self._required_words(config, concepts, familiar, features.shape[0])
         if any(required):
             self.extend_vocabulary({word for image in required for words in image for word in words})
             if config.strategy == "greedy":
@@ -431,7 +441,7 @@ class Captioner(nn.Module):
         results = []
         for image, (source, captions) in enumerate(zip(sources, decoded)):
             tags = [(concept.word, probability) for concept, probability in concepts[image]] if concepts is not None else []
-            found = [self._result(caption, source, tags, required[image]) for caption in captions]
+            found = [self._result(caption, source, tags, required[image], familiar[image] if familiar is not None else None) for caption in captions]
             results.append(dataclasses.replace(found[0], n_best=found))
         return results
 
@@ -443,10 +453,24 @@ class Captioner(nn.Module):
         with torch.inference_mode(), phase_threads():
             return concept_vocabulary().probabilities(self.encoder.classify(features.to(self.device)))
 
-    def _required_words(self, config: GenerationConfig, concepts: list[list[tuple[Concept, float]]] | None, batch: int) -> list[list[list[str]]]:
+    def familiar(self, features: torch.Tensor, config: GenerationConfig) -> list[bool] | None:
+        """Per image of features (B, P, D), whether it is familiar: nearer this model's training photos
+        than ``config.concept_familiar_percentile`` % of its dev photos (see
+        :mod:`captioner.models.familiarity`); None when that percentile is 0 (every photo may be steered)."""
+        if not config.concept_familiar_percentile:
+            return None
+        if self.familiarity is None:
+            raise ConfigError(
+                f"concept_familiar_percentile {config.concept_familiar_percentile:g} needs the model's {FAMILIARITY_FILE}, which it does not have (build it with scripts/familiar_photos.py, or pass 0)"
+            )
+        return self.familiarity.familiar(features, config.concept_familiar_percentile)
+
+    def _required_words(
+        self, config: GenerationConfig, concepts: list[list[tuple[Concept, float]]] | None, familiar: list[bool] | None, batch: int
+    ) -> list[list[list[str]]]:
         """Per image, the word lists its caption must name one word of: ``config.constraints``, then
         its concepts (likeliest first) at least ``concept_threshold`` likely, while there is room
-        (``concept_constraints``; sampling takes none). A concept the model cannot write is left out,
+        (``concept_constraints``; sampling and a ``familiar`` photo take none). A concept the model cannot write is left out,
         and so is one it already says often: a word among its ``concept_known_words`` most frequent
         training words (a vocabulary lists words by frequency), which it places better unforced. Of a
         concept's words, those the model learnt are required when it has any, else words it lacks."""
@@ -457,7 +481,8 @@ class Captioner(nn.Module):
         per_image = []
         for image in range(batch):
             required = [list(words) for words in given]
-            for concept, probability in concepts[image] if concepts is not None and config.strategy != "sample" else []:
+            steered = concepts is not None and config.strategy != "sample" and not (familiar is not None and familiar[image])
+            for concept, probability in concepts[image] if steered else []:
                 if len(required) >= room or probability < config.concept_threshold:
                     break
                 if any(self.vocab.index.get(word, MAX_VOCABULARY) < len(SPECIAL_TOKENS) + config.concept_known_words for word in concept.alternatives):
@@ -493,7 +518,7 @@ class Captioner(nn.Module):
         self.decoder.extend_vocabulary(analogs, word_vectors().rows(new))
         self.vocab = self.vocab.extended(new)
 
-    def _result(self, caption: Caption, source: str, tags: list[tuple[str, float]], constraints: list[list[str]]) -> CaptionResult:
+    def _result(self, caption: Caption, source: str, tags: list[tuple[str, float]], constraints: list[list[str]], familiar: bool | None) -> CaptionResult:
         attention = None
         if caption.attention is not None and caption.attention.numel():
             regions = caption.attention.shape[1]
@@ -502,7 +527,7 @@ class Captioner(nn.Module):
             attention = caption.attention.reshape(len(caption.tokens), *grid).numpy()  # (T, h, w)
         return CaptionResult(
             caption.text, caption.words, caption.score, caption.log_prob, attention,
-            source=source, tags=tags, constraints=constraints, constraints_met=caption.constraints_met,
+            source=source, tags=tags, constraints=constraints, constraints_met=caption.constraints_met, familiar=familiar,
         )  # fmt: skip
 
     # ----- checkpoints -------------------------------------------------------------------------
@@ -531,7 +556,8 @@ class Captioner(nn.Module):
         }
         extended = self.config.ensemble is not None or precision == "int8"
         format = EXTENDED_FORMAT if extended else PLAIN_FORMAT  # older readers refuse what they cannot read, with a clear line
-        return save_checkpoint(path, tensors, config, self.vocab, extra_files=extra_files, format=format)
+        files = {**({FAMILIARITY_FILE: self.familiarity.to_bytes()} if self.familiarity is not None else {}), **(extra_files or {})}
+        return save_checkpoint(path, tensors, config, self.vocab, extra_files=files, format=format)
 
     @classmethod
     @one_phase
@@ -577,6 +603,12 @@ class Captioner(nn.Module):
         if model.encoder_in_checkpoint:
             model.encoder.load_state_dict(_weights_of(tensors, "encoder."))
         model.decoder_compute = compute
+        if (folder / FAMILIARITY_FILE).is_file():
+            model.familiarity = Familiarity.read(folder / FAMILIARITY_FILE, encoder.feature_dim)
+        elif config.concept_familiar_percentile:
+            raise CheckpointError(
+                f"{folder}: its config.json asks for concept_familiar_percentile {config.concept_familiar_percentile:g} but it has no {FAMILIARITY_FILE} (build it with scripts/familiar_photos.py)"
+            )
         model = model.to(device).eval()
         model.encoder_runtime = find_encoder_runtime(model, encoder_runtime)
         return model

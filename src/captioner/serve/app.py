@@ -20,7 +20,8 @@ Routes:
     The image as multipart field ``image`` (or as the raw body with an ``image/*`` Content-Type);
     optional ``beam_size`` and ``n_best`` as query parameters or form fields. Answers
     ``{"caption", "words", "score", "log_prob", "n_best": [{"caption", "words", "score", "log_prob"}],
-    "tags": [{"word", "probability"}] (visual concepts, likeliest first),
+    "tags": [{"word", "probability"}] (visual concepts, likeliest first), "familiar" (true: near the
+    model's training photos, so no concept was required; null: not asked),
     "width", "height", "attention": [per word: h x w grid] | null, "attention_shape": [h, w] | null,
     "attention_region": {"left", "top", "right", "bottom"}, "settings": {"beam_size", "n_best"},
     "batch_size", "timing_ms": {"upload", "decode", "queue", "model", "total"}}``.
