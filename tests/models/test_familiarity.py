@@ -101,7 +101,7 @@ def test_a_checkpoint_keeps_its_familiar_photos_and_one_that_asks_for_them_witho
     with pytest.raises(CheckpointError, match=f"no {FAMILIARITY_FILE}"):
         Captioner.load(tmp_path / "without")
     with pytest.raises(ConfigError, match="scripts/familiar_photos.py"):
-        model.caption(Image.new("RGB", (64, 64)), concept_familiar_percentile=50)
+        model.caption(Image.new("RGB", (64, 64)), concept_familiar_percentile=50, concept_constraints=1)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,7 @@ def test_the_shipped_model_knows_its_training_photos_and_steers_only_the_others(
     assert dog.familiar is True and dog.constraints == [] and dog.constraints_met is None
     steered = shipped.caption(EXAMPLES / "dog.jpg", concept_familiar_percentile=0, concept_known_words=0, concept_threshold=0.3)
     assert steered.familiar is None and steered.constraints and "dog" in steered.constraints[0], steered.constraints
+    assert shipped.caption(EXAMPLES / "dog.jpg", concept_constraints=0).familiar is None  # no concepts: nothing asked
     # a photo like none of Flickr8k's: a flat grey card is unfamiliar at any percentile
     card = shipped.caption(Image.new("RGB", (300, 300), (128, 128, 128)), concept_familiar_percentile=100)
     assert card.familiar is False

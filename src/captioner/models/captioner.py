@@ -456,8 +456,9 @@ class Captioner(nn.Module):
     def familiar(self, features: torch.Tensor, config: GenerationConfig) -> list[bool] | None:
         """Per image of features (B, P, D), whether it is familiar: nearer this model's training photos
         than ``config.concept_familiar_percentile`` % of its dev photos (see
-        :mod:`captioner.models.familiarity`); None when that percentile is 0 (every photo may be steered)."""
-        if not config.concept_familiar_percentile:
+        :mod:`captioner.models.familiarity`); None when that percentile is 0 (every photo may be
+        steered) or no concept steers any photo (``concept_constraints`` 0)."""
+        if not config.concept_familiar_percentile or not config.concept_constraints:
             return None
         if self.familiarity is None:
             raise ConfigError(
@@ -470,10 +471,11 @@ class Captioner(nn.Module):
     ) -> list[list[list[str]]]:
         """Per image, the word lists its caption must name one word of: ``config.constraints``, then
         its concepts (likeliest first) at least ``concept_threshold`` likely, while there is room
-        (``concept_constraints``; sampling and a ``familiar`` photo take none). A concept the model cannot write is left out,
-        and so is one it already says often: a word among its ``concept_known_words`` most frequent
-        training words (a vocabulary lists words by frequency), which it places better unforced. Of a
-        concept's words, those the model learnt are required when it has any, else words it lacks."""
+        (``concept_constraints``; sampling and a ``familiar`` photo take none). A concept the model
+        cannot write is left out, and so is one it already says often: a word among its
+        ``concept_known_words`` most frequent training words (a vocabulary lists words by frequency),
+        which it places better unforced. Of a concept's words, those the model learnt are required
+        when it has any, else words it lacks."""
         from captioner.models.word_vectors import word_vectors
 
         given = [list(words) for words in config.constraints]
