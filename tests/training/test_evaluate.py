@@ -121,9 +121,13 @@ def test_the_split_s_cider_d_interval_scores_the_split_once(monkeypatch):
     words = ["dog", "cat", "ball", "grass", "water", "snow", "man", "girl"]
     references = {i: [f"a {w} on the {words[(i + 1) % 8]}", f"the {w} is here", f"one {w} near {words[(i + 2) % 8]}"] for i, w in enumerate(words)}
     dataset = SimpleNamespace(images={i: {"captions": refs} for i, refs in references.items()})
-    captions = {i: SimpleNamespace(text=f"a {w} on the {words[(i + 1) % 8]}" if i % 2 else f"a {w}", constraints=[], familiar=None) for i, w in enumerate(words)}
+    captions = {
+        i: SimpleNamespace(text=f"a {w} on the {words[(i + 1) % 8]}" if i % 2 else f"a {w}", constraints=[[w]] if i < 3 else [], familiar=i >= 5)
+        for i, w in enumerate(words)
+    }
     checks = caption_checks(dataset, captions, resamples=200)
     assert calls == [8]
+    assert checks["steered by concepts"] == 3 and checks["familiar photos"] == 3
     per_image = real({i: c.text for i, c in captions.items()}, references, tokenize=False)
     low, high = checks["CIDEr-D 95% interval"]
     assert low <= sum(per_image.values()) / 8 <= high
