@@ -123,3 +123,24 @@ def test_the_shipped_model_knows_its_training_photos_and_steers_only_the_others(
     # a photo like none of Flickr8k's: a flat grey card is unfamiliar at any percentile
     card = shipped.caption(Image.new("RGB", (300, 300), (128, 128, 128)), concept_familiar_percentile=100)
     assert card.familiar is False
+
+
+def test_the_script_builds_the_file_a_trained_model_then_reads(trained_shapes, tmp_path):
+    # a model trained on generated shapes: its own kind of picture is familiar, a photo of a dog is not
+    import shutil
+    import subprocess
+    import sys
+
+    best, held_out = trained_shapes
+    model_dir = shutil.copytree(best, tmp_path / "model")
+    prepared = best.parents[1] / "prepared"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "familiar_photos.py"
+    done = subprocess.run([sys.executable, str(script), str(model_dir), str(prepared), "--clusters", "16"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "16 centroids" in done.stdout and (model_dir / FAMILIARITY_FILE).is_file()
+    model = Captioner.load(model_dir)
+    assert model.familiarity is not None and model.familiarity.dev_distances.numel() == 80  # the shapes set's 80 dev images
+    pixels = torch.stack([model.preprocessing(Image.open(path).convert("RGB")) for path in [held_out[0]["path"], EXAMPLES / "dog.jpg"]])
+    assert model.familiarity.familiar(model.features(pixels), 100.0) == [True, False]
+    bad = subprocess.run([sys.executable, str(script), str(model_dir), str(prepared), "--clusters", "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --clusters must be from 1 to 65536, not 0"
