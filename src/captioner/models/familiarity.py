@@ -11,8 +11,8 @@ A photo is its pooled encoder features (the mean over regions and views, what th
 reads), scaled to unit length. Its distance is 1 minus its cosine similarity to the nearest of K
 centroids, a spherical k-means summary of the training photos (512 centroids of 1,280 floats in
 float16 is 1.3 MB, against 15 MB for Flickr8k's 6,000 photos themselves). The dev photos' own
-distances, sorted, turn a percentile into a distance: with ``concept_familiar_percentile = 80``, a
-photo nearer than 80% of the dev photos is familiar. The file, ``familiar_photos.safetensors``, sits
+distances, sorted, turn a percentile into a distance: with ``concept_familiar_percentile = 70`` (the
+shipped model's), a photo nearer than 70% of the dev photos is familiar. The file, ``familiar_photos.safetensors``, sits
 in the checkpoint folder; ``scripts/familiar_photos.py`` builds it from a prepared dataset.
 """
 
@@ -37,6 +37,12 @@ def pooled(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float().mean(dim=1), dim=1)
 
 
+def nearest_distances(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(B, D) unit-length pooled features, (K, D) unit-length centroids -> (B,) 1 - cosine similarity
+    to the nearest centroid, on the CPU."""
+    return (1.0 - (points @ centroids.to(points.device).T).max(dim=1).values).cpu()
+
+
 class Familiarity:
     """The training photos' centroids (K, D) and the dev photos' distances to them, sorted (N,)."""
 
@@ -46,11 +52,7 @@ class Familiarity:
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(B, P, D) features -> (B,) distances from the training photos, 0 (one of them) to 2."""
-        return self._distances(pooled(features))
-
-    def _distances(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, D) unit-length pooled features -> (B,) 1 - cosine similarity to the nearest centroid."""
-        return (1.0 - (points @ self.centroids.to(points.device).T).max(dim=1).values).cpu()
+        return nearest_distances(pooled(features), self.centroids)
 
     def familiar(self, features: torch.Tensor, percentile: float) -> list[bool]:
         """Per image, whether it is nearer the training photos than ``percentile`` % of the dev photos;
@@ -97,7 +99,5 @@ class Familiarity:
             sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
             used = torch.bincount(nearest, minlength=centroids.shape[0]) > 0
             centroids[used] = torch.nn.functional.normalize(sums[used], dim=1)  # an empty cluster keeps its centroid
-        centroids = centroids.half().float()  # as stored
-        familiarity = cls(centroids, torch.zeros(1))
-        familiarity.dev_distances = familiarity._distances(dev.float()).sort().values
-        return familiarity
+        centroids = torch.nn.functional.normalize(centroids.half().float(), dim=1)  # as stored, then read
+        return cls(centroids, nearest_distances(dev.float(), centroids))
