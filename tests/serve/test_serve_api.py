@@ -441,3 +441,36 @@ def test_an_image_that_decodes_to_too_many_pixels_is_refused(checkpoint) -> None
         photo = encode(picture(5, (1600, 1200)), "JPEG")
         answer = post_image(session, photo, name="photo.jpg", mime="image/jpeg")
         assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == (1600, 1200), answer.text
+
+
+def test_the_answer_says_what_the_caption_had_to_name_and_whether_the_photo_was_familiar() -> None:
+    # an encoder with its ImageNet classifier, a model whose own settings make its likeliest concept
+    # a constraint: the dog photo's caption must name "dog", and the answer says so; with the photo
+    # itself as the only "training photo", it is familiar and nothing is required of it
+    import torch
+    from conftest import make_vocab
+
+    from captioner.data.images import load_image
+    from captioner.models.captioner import Captioner, CaptionerConfig
+    from captioner.models.decoder import DecoderConfig
+    from captioner.models.encoder import EncoderConfig
+    from captioner.models.familiarity import Familiarity, pooled
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    decoder = DecoderConfig(kind="attention", embed_dim=16, hidden_dim=24, attention_dim=12)
+    config = CaptionerConfig(encoder=EncoderConfig(feature_layer="head", pretrained=True), decoder=decoder, concept_constraints=1, concept_threshold=0.3)
+    torch.manual_seed(0)
+    model = Captioner(config, make_vocab(("a", "b", "dog"))).eval()
+    dog = Path(__file__).resolve().parents[2] / "examples" / "dog.jpg"
+    noise = encode(picture(11), "PNG")
+    with BackgroundServer(create_app(model, ServeConfig(beam_size=3, n_best=1, batch_wait_ms=0))) as running, httpx.Client(base_url=running.url, timeout=30) as session:
+        steered = post_image(session, dog.read_bytes(), name="dog.jpg", mime="image/jpeg").json()
+        assert steered["constraints"] == [["dog"]] and steered["constraints_met"] is True and "dog" in steered["words"], steered
+        assert steered["familiar"] is None  # the model has no familiar photos: not asked
+        model.familiarity = Familiarity(pooled(model.features(model.preprocessing(load_image(dog)).unsqueeze(0))), torch.tensor([0.01, 0.02]))
+        model.config.concept_familiar_percentile = 50.0
+        familiar = post_image(session, dog.read_bytes(), name="dog.jpg", mime="image/jpeg").json()
+        other = post_image(session, noise).json()
+    assert familiar["familiar"] is True and familiar["constraints"] == [] and familiar["constraints_met"] is None, familiar
+    assert familiar["tags"] == steered["tags"]  # still seen, no longer required
+    assert other["familiar"] is False, other

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from pathlib import Path
 
 import httpx
@@ -332,3 +333,51 @@ def test_the_page_shows_the_visual_concepts_the_api_returns(browser, tmp_path) -
         shown = page.locator("#tags li").all_inner_texts()
         assert shown == [f"{tag['word']} {math.floor(tag['probability'] * 100 + 0.5)}%" for tag in expected["tags"]]  # as Math.round, shown
         context.close()
+
+
+def test_the_page_says_what_the_caption_had_to_name_or_that_the_photo_was_familiar(browser, tmp_path) -> None:
+    # a model whose own settings make the dog photo's likeliest concept a constraint: the page says
+    # the caption had to name it; the server's own answer, edited, stands in for a caption that
+    # could not (constraints_met false) and for a familiar photo, which the page says in words too
+    import torch
+    from conftest import make_vocab
+
+    from captioner.models.captioner import Captioner, CaptionerConfig
+    from captioner.models.decoder import DecoderConfig
+    from captioner.models.encoder import EncoderConfig
+    from captioner.serve import BackgroundServer, ServeConfig, create_app
+
+    decoder = DecoderConfig(kind="attention", embed_dim=16, hidden_dim=24, attention_dim=12)
+    config = CaptionerConfig(encoder=EncoderConfig(feature_layer="head", pretrained=True), decoder=decoder, concept_constraints=1, concept_threshold=0.3)
+    torch.manual_seed(0)
+    model = Captioner(config, make_vocab(("a", "b", "dog", "dogs"))).eval()
+    data = (Path(__file__).resolve().parents[2] / "examples" / "dog.jpg").read_bytes()
+    edits = [
+        None,  # the server's answer as it is
+        {"constraints_met": False},
+        {"constraints": [], "constraints_met": None, "familiar": True},
+        {"constraints": [], "constraints_met": None, "familiar": False},
+    ]
+    shown = []
+    with BackgroundServer(create_app(model, ServeConfig(beam_size=3, n_best=1, batch_wait_ms=2))) as running:
+        answer = api_caption(running, data, beam_size=3, n_best=1)
+        assert answer["constraints"] == [["dog", "dogs"]] and answer["constraints_met"] is True, answer
+        context = browser.new_context(viewport={"width": 1000, "height": 800})
+        page = context.new_page()
+        page.goto(running.url)
+        page.wait_for_selector("body[data-ready]")
+        for number, edit in enumerate(edits):
+            if edit is not None:
+                page.route(re.compile(r"/api/caption"), lambda route, _request, edit=edit: route.fulfill(json={**answer, **edit}))
+            page.evaluate("() => { window.captionerResult = null; }")
+            upload(page, tmp_path, f"dog{number}.jpg", data)  # a new file each time: picking the same one again is no change
+            page.wait_for_function("() => window.captionerResult !== null")
+            shown.append(page.locator("#steering").inner_text() if page.locator("#steering").is_visible() else None)
+            page.unroute(re.compile(r"/api/caption"))
+        context.close()
+    assert shown == [
+        "The caption had to name dog (or dogs).",
+        "No caption it could write names dog (or dogs): this is its best caption without it.",
+        "A photo like the model's training photos: no concept was required of the caption.",
+        None,  # unfamiliar, and nothing likely enough to require: nothing to say
+    ], shown

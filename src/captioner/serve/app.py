@@ -20,8 +20,10 @@ Routes:
     The image as multipart field ``image`` (or as the raw body with an ``image/*`` Content-Type);
     optional ``beam_size`` and ``n_best`` as query parameters or form fields. Answers
     ``{"caption", "words", "score", "log_prob", "n_best": [{"caption", "words", "score", "log_prob"}],
-    "tags": [{"word", "probability"}] (visual concepts, likeliest first), "familiar" (true: near the
-    model's training photos, so no concept was required; null: not asked),
+    "tags": [{"word", "probability"}] (visual concepts, likeliest first), "constraints": [[word, ...]]
+    (what the caption had to name: one word of each list), "constraints_met" (false: no caption it
+    could write names them all, so this is its best caption without them; null: nothing was required),
+    "familiar" (true: near the model's training photos, so no concept was required; null: not asked),
     "width", "height", "attention": [per word: h x w grid] | null, "attention_shape": [h, w] | null,
     "attention_region": {"left", "top", "right", "bottom"}, "settings": {"beam_size", "n_best"},
     "batch_size", "timing_ms": {"upload", "decode", "queue", "model", "total"}}``.

@@ -128,6 +128,8 @@ def caption_json(result: CaptionResult, image: PreparedImage, settings: DecodeSe
             for r in result.n_best or [result]
         ],
         "tags": [{"word": word, "probability": round(probability, 4)} for word, probability in result.tags],
+        "constraints": result.constraints,
+        "constraints_met": result.constraints_met,
         "familiar": result.familiar,
         "width": image.width,
         "height": image.height,

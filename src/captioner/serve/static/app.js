@@ -29,6 +29,7 @@
     nBestList: $("n-best-list"),
     tags: $("tags"),
     tagsHeading: $("tags-heading"),
+    steering: $("steering"),
     timing: $("timing"),
   };
 
@@ -229,6 +230,7 @@
     els.captionHint.textContent = "";
     els.nBestList.replaceChildren();
     els.tags.replaceChildren();
+    els.steering.hidden = true;
     els.timing.textContent = "";
     hideOverlay();
   }
@@ -289,12 +291,30 @@
       }),
     );
     els.tags.hidden = els.tagsHeading.hidden = tags.length === 0;
+    const steering = steeringText(result);
+    els.steering.textContent = steering;
+    els.steering.hidden = steering === "";
     const timing = result.timing_ms || {};
     const batch = result.batch_size > 1 ? `, batched with ${result.batch_size - 1} other${result.batch_size > 2 ? "s" : ""}` : "";
     els.timing.textContent =
       `${result.width} × ${result.height} px · beam ${result.settings.beam_size} · ` +
       `captioned in ${Math.round(timing.total || 0)} ms (model ${Math.round(timing.model || 0)} ms${batch})`;
     els.status.textContent = ""; // the caption itself is announced (#caption is a live region), and shown once
+  }
+
+  // What steered the caption: the words it had to name (from what the encoder sees), whether it could,
+  // or that the photo is like the model's training photos, so nothing was required of it.
+  function steeringText(result) {
+    const required = (result.constraints || []).map((words) =>
+      words.length > 1 ? `${words[0]} (or ${words.slice(1).join(", ")})` : words[0],
+    );
+    if (required.length > 0) {
+      const named = required.join(" and ");
+      return result.constraints_met === false
+        ? `No caption it could write names ${named}: this is its best caption without it.`
+        : `The caption had to name ${named}.`;
+    }
+    return result.familiar === true ? "A photo like the model's training photos: no concept was required of the caption." : "";
   }
 
   function plainWord(word) {
