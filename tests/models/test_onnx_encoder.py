@@ -148,6 +148,23 @@ def test_an_encoder_without_shipped_ranges_is_calibrated_on_the_photos_given(cac
     assert difference <= onnx_encoder.INT8_TOLERANCE
 
 
+def test_an_int8_export_is_named_for_the_ranges_it_was_rounded_with(cache, tmp_path, monkeypatch):
+    # an upgrade that ships other ranges must not meet a stale int8 file: its name changes with them,
+    # and the float32 export's does not; with no ranges shipped (calibrated on your photos) it has none
+    model = Captioner.load("default", encoder_runtime="torch")
+    shipped, float32 = onnx_path(model, int8=True), onnx_path(model)
+    ranges = json.loads(onnx_encoder.INT8_RANGES_FILE.read_text())
+    entry = ranges["encoders"]["efficientnet_lite2-head-260"]["ranges"]
+    first = sorted(entry)[0]
+    entry[first] = [entry[first][0], entry[first][1] * 1.01]
+    monkeypatch.setattr(onnx_encoder, "INT8_RANGES_FILE", tmp_path / "ranges.json")
+    onnx_encoder.INT8_RANGES_FILE.write_text(json.dumps(ranges))
+    assert onnx_path(model, int8=True) != shipped and onnx_path(model, int8=True).name.endswith("-int8.onnx")
+    assert onnx_path(model) == float32
+    monkeypatch.setattr(onnx_encoder, "INT8_RANGES_FILE", tmp_path / "none.json")
+    assert onnx_path(model, int8=True).name == float32.name.replace(".onnx", "-int8.onnx")
+
+
 def test_shipped_ranges_that_do_not_fit_the_graph_are_refused(cache, tmp_path, monkeypatch):
     shipped = json.loads(onnx_encoder.INT8_RANGES_FILE.read_text())
     ranges = shipped["encoders"]["efficientnet_lite2-head-260"]["ranges"]

@@ -80,8 +80,17 @@ def encoder_key(model: Captioner) -> str | None:
 
 
 def onnx_path(model: Captioner, *, int8: bool = False) -> Path | None:
+    """Where the model's exported encoder is (or goes) in the cache; None when none can stand in.
+    An int8 export's name also carries a digest of the activation ranges it was rounded with when
+    they ship (:data:`INT8_RANGES_FILE`), so new ranges in an upgrade are not met by a stale file."""
     key = encoder_key(model)
-    return cache_dir() / "encoders" / f"{key}{'-int8' if int8 else ''}.onnx" if key else None
+    if not key:
+        return None
+    if not int8:
+        return cache_dir() / "encoders" / f"{key}.onnx"
+    ranges = shipped_int8_ranges(model)
+    digest = f"-{hashlib.sha256(json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:8]}" if ranges is not None else ""
+    return cache_dir() / "encoders" / f"{key}{digest}-int8.onnx"
 
 
 def ranges_key(model: Captioner) -> str:
