@@ -270,6 +270,11 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
     assert [g[0].tokens for g in greedy] == [t[0].tokens for t in top1]
     nucleus = model.generate(features, strategy="sample", top_p=1e-6, seed=5, max_length=8)
     assert [g[0].tokens for g in greedy] == [t[0].tokens for t in nucleus]
+    # the smallest settings their ranges allow are greedy too, not a distribution of NaNs: a
+    # temperature that divides every log-probability to -inf, a top_p that float32 reads as 0
+    for extreme in ({"temperature": 1e-300}, {"temperature": 1e-45}, {"top_p": 1e-300}):
+        sampled = model.generate(features, strategy="sample", seed=5, max_length=8, **extreme)
+        assert [g[0].tokens for g in greedy] == [t[0].tokens for t in sampled], extreme
 
 
 def test_model_mode_is_restored_and_images_are_encoded():

@@ -633,7 +633,10 @@ def _sample(decoder: Decoder, vocab: Vocabulary, features: torch.Tensor, config:
 
 def _filtered_probs(log_probs: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     """Sampling distribution: temperature, then top-k, then top-p (nucleus)."""
-    logits = log_probs / config.temperature  # -inf stays -inf
+    # from the row's best word, so a tiny temperature sends the others to -inf, not every word; one
+    # below the dtype's range would read as 0 (-inf stays -inf)
+    temperature = max(config.temperature, torch.finfo(log_probs.dtype).tiny)
+    logits = (log_probs - log_probs.max(dim=1, keepdim=True).values) / temperature
     if config.top_k > 0 and config.top_k < logits.shape[1]:
         kth = logits.topk(config.top_k, dim=1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -641,7 +644,9 @@ def _filtered_probs(log_probs: torch.Tensor, config: GenerationConfig) -> torch.
     if config.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=1, descending=True)
         before = sorted_probs.cumsum(dim=1) - sorted_probs  # mass strictly before each word
-        sorted_probs = sorted_probs.masked_fill(before >= config.top_p, 0.0)  # the most likely word always stays
+        dropped = before >= config.top_p
+        dropped[:, 0] = False  # the most likely word always stays (a top_p below float32's range reads as 0)
+        sorted_probs = sorted_probs.masked_fill(dropped, 0.0)
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
         probs = probs / probs.sum(dim=1, keepdim=True)
     return probs
