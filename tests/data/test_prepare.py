@@ -127,6 +127,24 @@ def test_prepared_dataset_errors(tmp_path, shapes_karpathy):
         PreparedDataset(tmp_path / "p")
     shutil.rmtree(tmp_path / "p")
     prepare(read_dataset([shapes_karpathy]), tmp_path / "p", _options())
+    # valid JSON of the wrong shape, in the fields everything else reads: one line each, not a TypeError later
+    meta, images = ((tmp_path / "p" / name).read_text() for name in ("prepared.json", "images.json"))
+    entry = json.loads(images)[0]
+    for name, text, message in [
+        ("images.json", "[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
+        ("images.json", json.dumps([None]), r"images.json entry 0 lacks its image file or split"),
+        ("images.json", json.dumps([{**entry, "image": None}]), r"entry 0 lacks its image file"),
+        ("images.json", json.dumps([{**entry, "captions": [5, None]}]), r"entry 0 \(.+\): its captions are not a list of text"),
+        ("images.json", json.dumps({"a": 1}), r"images.json is not a list"),
+        ("prepared.json", json.dumps({**json.loads(meta), "image_root": 5}), r"prepared.json has no image_root"),
+        ("prepared.json", json.dumps({**json.loads(meta), "format": "1"}), r"format is not a whole number"),
+    ]:
+        (tmp_path / "p" / name).write_text(text)
+        with pytest.raises(DatasetError, match=r"is damaged \(.*" + message):
+            PreparedDataset(tmp_path / "p")
+        (tmp_path / "p" / "prepared.json").write_text(meta)
+        (tmp_path / "p" / "images.json").write_text(images)
+    PreparedDataset(tmp_path / "p")  # restored: reads again
     (tmp_path / "p" / "val.npz").unlink()
     with pytest.raises(DatasetError, match="no val.npz"):
         PreparedDataset(tmp_path / "p").captions("val")

@@ -57,6 +57,32 @@ def test_a_flipped_view_has_its_own_cache_of_the_mirrored_images(encoder, tmp_pa
     assert len(names) == 2 and sum(name.startswith("val-flip-") for name in names) == 1
 
 
+def test_a_damaged_cache_is_one_line_that_says_how_to_rebuild_it(encoder, tmp_path):
+    from captioner.data.features import ViewFeatures
+
+    paths = images(tmp_path / "img")
+    preprocessing = Preprocessing(image_size=64)
+    good = np.array(cached_features(encoder, preprocessing, paths, tmp_path / "cache", "train", workers=0, progress=False))  # a copy: the file is damaged below
+    array_path = next((tmp_path / "cache").glob("*.npy"))
+    whole = array_path.read_bytes()
+    for damage, message in [
+        (lambda: array_path.write_bytes(whole[:-100]), "is damaged"),  # truncated
+        (lambda: array_path.write_bytes(b""), "is damaged"),
+        (lambda: array_path.write_bytes(b"garbage" * 100), "is damaged"),
+        (lambda: np.save(array_path, np.array([{"a": 1}] * 5, dtype=object), allow_pickle=True), "is damaged"),
+        (lambda: np.save(array_path, np.zeros((5, 4, 320), np.float64)), r"holds float64 \(5, 4, 320\), not float16 features of 5 images x 320"),
+        (lambda: np.save(array_path, np.zeros((4, 4, 320), np.float16)), r"holds float16 \(4, 4, 320\)"),
+        (lambda: np.save(array_path, np.zeros((5, 4, 100), np.float16)), r"holds float16 \(5, 4, 100\)"),
+    ]:
+        damage()
+        with pytest.raises(CaptionerError, match=f"the feature cache {array_path.name} " + message + f".*: delete {array_path}"):
+            cached_features(encoder, preprocessing, paths, tmp_path / "cache", "train", workers=0, progress=False)
+    array_path.unlink()
+    assert np.array_equal(cached_features(encoder, preprocessing, paths, tmp_path / "cache", "train", workers=0, progress=False), good)  # built again
+    with pytest.raises(CaptionerError, match=r"the feature caches of the model's views do not match \(\(5, 4, 320\), \(5, 3, 320\)\)"):
+        ViewFeatures([good, good[:, :3]])
+
+
 def test_changes_build_a_new_cache(encoder, tmp_path):
     paths = images(tmp_path / "img")
     cache = tmp_path / "cache"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from captioner.atomic import write_text_atomic
 from captioner.data.images import Preprocessing, load_image
-from captioner.errors import CaptionerError, ImageLoadError
+from captioner.errors import CaptionerError, DatasetError, ImageLoadError
 from captioner.threads import on_free_cores
 
 if TYPE_CHECKING:
@@ -103,7 +103,22 @@ def cached_features(
     array_path = cache_dir / f"{label}-{key}.npy"
     if not array_path.is_file():
         build_cache(encoder, preprocessing, paths, array_path, batch_size=batch_size, workers=workers, device=device, progress=progress, label=label, view=view)
-    return np.load(array_path, mmap_mode="r")
+    return open_cache(array_path, len(paths), encoder.feature_dim)
+
+
+def open_cache(array_path: Path, images: int, feature_dim: int) -> np.ndarray:
+    """The cache file memory-mapped, once it holds what :func:`build_cache` writes: float16 features
+    (images, regions, feature_dim); a damaged one is one line saying how to rebuild it."""
+    rebuild = f"delete {array_path} and it is built again"
+    try:
+        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # truncated, empty, not .npy, pickled objects
+        raise DatasetError(f"the feature cache {array_path.name} is damaged ({str(error).splitlines()[0]}): {rebuild}") from None
+    if array.dtype != np.float16 or array.ndim != 3 or array.shape[0] != images or array.shape[2] != feature_dim:
+        raise DatasetError(
+            f"the feature cache {array_path.name} holds {array.dtype} {tuple(array.shape)}, not float16 features of {images} images x {feature_dim}: {rebuild}"
+        )
+    return array
 
 
 def build_cache(
@@ -209,6 +224,8 @@ class ViewFeatures:
     sliced from each view's memory-mapped file and put side by side, as the model's encoder would."""
 
     def __init__(self, views: Sequence[np.ndarray]) -> None:
+        if len({view.shape for view in views}) != 1:
+            raise DatasetError(f"the feature caches of the model's views do not match ({', '.join(str(tuple(view.shape)) for view in views)}): delete them and they are built again")
         self.views = list(views)
         self.shape = (len(views[0]), sum(view.shape[1] for view in views), views[0].shape[2])
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -198,6 +199,24 @@ def _check_images(paths: list[Path], options: PrepareOptions) -> list[tuple[str,
         return list(tqdm(results, total=len(paths), desc=what, unit="img", disable=not options.progress or None, leave=False))
 
 
+def _layout_problem(meta: Any, images: Any) -> str | None:
+    """What is wrong with a prepared folder's prepared.json and images.json as read (None: nothing):
+    the fields everything else reads, of the types it reads them as."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("image_root"), str):
+        return "prepared.json has no image_root"
+    if not isinstance(meta.get("format", 0), int) or isinstance(meta.get("format"), bool):
+        return "prepared.json's format is not a whole number"
+    if not isinstance(images, list):
+        return "images.json is not a list of images"
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("image"), str) or not image["image"] or not isinstance(image.get("split"), str):
+            return f"images.json entry {i} lacks its image file or split"
+        captions = image.get("captions")
+        if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+            return f"images.json entry {i} ({image['image']}): its captions are not a list of text"
+    return None
+
+
 class PreparedDataset:
     """A folder written by :func:`prepare`, read back."""
 
@@ -210,8 +229,13 @@ class PreparedDataset:
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
             self.images: list[dict] = json.loads((self.root / "images.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+        except RecursionError:
+            raise DatasetError(f"{self.root} is damaged (JSON nested too deeply); prepare it again") from None
+        except (OSError, ValueError) as error:  # unreadable, not JSON, not UTF-8
             raise DatasetError(f"{self.root} is damaged ({error}); prepare it again") from None
+        problem = _layout_problem(self.meta, self.images)
+        if problem:
+            raise DatasetError(f"{self.root} is damaged ({problem}); prepare it again")
         if self.meta.get("format", 0) > PREPARED_FORMAT:
             raise DatasetError(f"{self.root} was prepared by a newer captioner (format {self.meta['format']}); upgrade captioner")
         self.vocab = Vocabulary.load(self.root / "vocab.json")

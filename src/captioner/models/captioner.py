@@ -17,7 +17,7 @@ from captioner import ranges
 from captioner.data.images import Preprocessing
 from captioner.data.vocabulary import SPECIAL_TOKENS, Vocabulary
 from captioner.decoding.generate import EARLY_STOPPING, NEUTRAL_DEFAULTS
-from captioner.errors import CheckpointError, ConfigError
+from captioner.errors import CaptionerError, CheckpointError, ConfigError
 from captioner.limits import DEFAULT_BEAM_SIZE, MAX_CONSTRAINTS, MAX_LENGTH, MAX_LENGTH_PENALTY, MAX_NO_REPEAT_NGRAM, MAX_VOCABULARY
 from captioner.models.checkpoint import EXTENDED_FORMAT, PLAIN_FORMAT, check_tensors, open_checkpoint, quantize_int8, save_checkpoint
 from captioner.models.concepts import concept_vocabulary
@@ -420,6 +420,10 @@ class Captioner(nn.Module):
             raise ConfigError(f"{len(sources)} sources for {inputs.shape[0]} images")
         config = self.settings_for(config)
         features = self.features(inputs)
+        finite = torch.isfinite(features).flatten(1).all(dim=1)  # (B,): NaN or inf decode to nonsense, or fail
+        if not bool(finite.all()):
+            image = int((~finite).nonzero()[0])
+            raise CaptionerError(f"the features of {sources[image] or f'image {image}'} are not finite (NaN or inf): a damaged feature cache or input")
         probabilities = self.concept_probabilities(features)  # (B, concepts) or None
         concepts = concept_vocabulary().top(probabilities) if probabilities is not None else None
         familiar = self.familiar(features, config)
