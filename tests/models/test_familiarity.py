@@ -71,6 +71,9 @@ def test_the_file_round_trips_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
     path.write_bytes(Familiarity(torch.eye(16)[:2], torch.tensor([float("nan")])).to_bytes())
     with pytest.raises(CheckpointError, match="not finite"):
         Familiarity.read(path, 16)
+    path.write_bytes(Familiarity(torch.eye(16)[:2], torch.tensor([-0.5, 0.1, 3.0])).to_bytes())
+    with pytest.raises(CheckpointError, match=r"dev_distances must lie from 0 to 2 \(one minus a cosine\), not -0.5 to 3"):
+        Familiarity.read(path, 16)
     path.write_bytes(familiarity.to_bytes())
     monkeypatch.setattr(familiarity_module, "MAX_FAMILIARITY_BYTES", 100)
     with pytest.raises(CheckpointError, match="more than familiar photos ever need"):

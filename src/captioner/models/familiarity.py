@@ -83,6 +83,8 @@ class Familiarity:
             raise CheckpointError(f"{path}: dev_distances must be a non-empty list, not shape {tuple(dev.shape)}")
         if not (centroids.is_floating_point() and dev.is_floating_point() and bool(torch.isfinite(centroids).all()) and bool(torch.isfinite(dev).all())):
             raise CheckpointError(f"{path} holds values that are not finite numbers")
+        if not bool(((dev >= 0) & (dev <= 2)).all()):  # 1 - a cosine
+            raise CheckpointError(f"{path}: dev_distances must lie from 0 to 2 (one minus a cosine), not {float(dev.min()):g} to {float(dev.max()):g}")
         if bool((centroids.float().norm(dim=1) == 0).any()):
             raise CheckpointError(f"{path}: a centroid is all zeros")
         return cls(centroids, dev)
