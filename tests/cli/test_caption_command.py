@@ -195,6 +195,34 @@ def test_an_interrupted_run_keeps_the_captions_made_so_far(models, tmp_path):
     assert "captions made before the run stopped are in" in stderr and "Traceback" not in stderr
 
 
+def test_a_file_name_that_is_not_utf8_is_captioned_and_recorded(models, tmp_path):
+    # a name with a byte no UTF-8 text holds (Python keeps it as a surrogate escape): the caption line
+    # prints (even where standard output is strict UTF-8, as in a UTF-8 locale other than C), the
+    # --json record holds the name losslessly (a \\udcff escape), and --resume finds it done
+    import os
+
+    folder = tmp_path / "odd"
+    write_image(folder / "a.png", 1)
+    odd = Path(os.fsdecode(bytes(folder) + b"/zz\xff.png"))
+    write_image(odd, 2)
+    out = tmp_path / "captions.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", str(folder), "--model", str(models["attention"]), "--json", str(out), "--quiet"],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert result.returncode == 0 and b"Traceback" not in result.stderr and b"internal error" not in result.stderr, result.stderr
+    assert bytes(folder) + b"/zz\xff.png\t" in result.stdout  # the name as it is on disk
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(record["source"] for record in records) == sorted([str(folder / "a.png"), str(odd)])
+    again = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", str(folder), "--model", str(models["attention"]), "--json", str(out), "--resume", "--quiet"], capture_output=True, timeout=300
+    )
+    assert again.returncode == 0 and again.stdout == b"", again.stderr  # both are done
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == records
+
+
 def test_a_glob_picks_image_files_as_a_folder_does(models, photos):
     folder, good = photos
     (folder / "sub").mkdir()

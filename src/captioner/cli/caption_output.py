@@ -34,6 +34,17 @@ def part_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name + ".") and p.name.endswith(".partial") and p.is_file())
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a line of UTF-8 JSON; a file name that is not UTF-8 (Python holds its bytes as
+    surrogate escapes) makes the line ASCII, its escapes ``\\udcff`` reading back as the same name."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
 def read_records(files: list[Path]) -> dict[str, dict[str, Any]]:
     """source -> record, from JSON-lines files in order (the first record of a source wins). A
     line cut short by a crash, the last one of a part file, is not a record: its image is redone."""
@@ -81,7 +92,7 @@ class JsonLinesOutput:
             self.handle.write("\n")  # a line cut short by a crash stays a line of its own, skipped when read
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self.handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        self.handle.write("".join(json_line(record) for record in records))
         self.handle.flush()
         self.written += len(records)
 
@@ -99,7 +110,7 @@ class JsonLinesOutput:
         records = read_records([self.path, *parts] if self.resume else parts)
         order = {source: index for index, source in enumerate(sources)}
         ranked = sorted(records.values(), key=lambda record: order.get(record["source"], len(order)))
-        write_text_atomic(self.path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ranked))
+        write_text_atomic(self.path, "".join(json_line(record) for record in ranked))
         for part in parts:
             part.unlink(missing_ok=True)
         return len(ranked)

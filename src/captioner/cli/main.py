@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 from typing import Sequence
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = os.environ.get("CAPTIONER_DEBUG", "") not in ("", "0")
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a file name that is not UTF-8 prints as its own bytes, as the C locale does
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         fixed_threads()  # a bad CAPTIONER_THREADS is reported before any work
         return int(args.run(args) or 0)
