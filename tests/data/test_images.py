@@ -93,6 +93,41 @@ def test_dark_16_bit_image_stays_dark(tmp_path):
     assert load_image(path).getpixel((3, 3)) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("mode", ["F", "I;16"])
+def test_deep_images_are_scaled_a_block_of_rows_at_a_time(tmp_path, mode):
+    # a 32-bit float or 16-bit TIFF is scaled to 8 bits in 64-bit arithmetic; done on the whole image
+    # that took 7 to 13 times the decoded pixels' size (a 64-megapixel float TIFF of 400 KB: 2.7 GB),
+    # now a block of rows at a time (2 to 2.4 times); NaN reads as black, infinity as white, the
+    # values as before
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    if mode == "F":
+        values = (rng.random((3000, 3000)) * 300).astype(np.float32)
+        values[0, :3] = [np.nan, np.inf, -5.0]
+    else:
+        values = (rng.random((3000, 3000)) * 65535).astype(np.uint16)
+    path = tmp_path / "deep.tiff"
+    Image.fromarray(values, mode="F" if mode == "F" else None).save(path)
+    decoded = np.asarray(Image.open(path))
+    tracemalloc.start()
+    try:
+        image = load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * decoded.nbytes, (peak, decoded.nbytes)  # the decoded pixels, their 8-bit and RGB copies, a block
+    wide = decoded.astype(np.float64)
+    if mode == "F":
+        with np.errstate(over="ignore"):
+            expected = np.clip(np.nan_to_num(wide) / 255.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        expected = np.clip(decoded.astype(np.int64) * 255 // 65535, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[:, :, 0], expected)
+    if mode == "F":
+        assert np.asarray(image)[0, :3, 0].tolist() == [0, 255, 0]
+
+
 def test_any_decoder_exception_is_a_load_error(tmp_path, monkeypatch):
     # Pillow's decoders raise more than OSError on damaged files (NotImplementedError for an unknown
     # DDS pixel format, struct.error, IndexError ...): each must name the file, never escape.

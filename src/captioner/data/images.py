@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -191,19 +191,36 @@ def _from_array(array: np.ndarray, label: str, integer_full_scale: int | None = 
     elif array.dtype == np.bool_:
         scaled = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
-        values = np.nan_to_num(array.astype(np.float64))
-        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
-        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        peak = max((float(np.nan_to_num(rows.astype(np.float64)).max(initial=0.0)) for rows in _row_blocks(array)), default=0.0)
+        top = 1.0 if peak <= 1.0 else 255.0
+        with np.errstate(over="ignore"):  # inf reads as the largest float, which saturates to 255
+            scaled = _scaled_by_rows(array, lambda rows: np.clip(np.nan_to_num(rows.astype(np.float64)) / top * 255.0 + 0.5, 0, 255))
     elif np.issubdtype(array.dtype, np.integer):
-        values = array.astype(np.int64)
-        top = values.max(initial=0)
+        top = int(array.max(initial=0))
         # 16-bit data (the common case for integer images that are not uint8) maps 65535 -> 255.
-        full_scale = integer_full_scale or (255 if top <= 255 else 65535 if top <= 65535 else int(top))
-        scaled = np.clip(values * 255 // max(full_scale, 1), 0, 255).astype(np.uint8)
+        full_scale = integer_full_scale or (255 if top <= 255 else 65535 if top <= 65535 else top)
+        scaled = _scaled_by_rows(array, lambda rows: np.clip(rows.astype(np.int64) * 255 // max(full_scale, 1), 0, 255))
     else:
         raise ImageLoadError(label, f"unsupported array dtype {array.dtype}")
     image = Image.fromarray(np.ascontiguousarray(scaled))
     return _to_rgb(image, label) if image.mode != "RGB" else image
+
+
+def _row_blocks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """The array's rows in blocks of about a million values: 64-bit arithmetic on a 64-megapixel
+    image, whole, took several copies of 512 MB each."""
+    step = max(1, (1 << 20) // max(1, array[0].size))
+    return (array[start : start + step] for start in range(0, array.shape[0], step))
+
+
+def _scaled_by_rows(array: np.ndarray, scale: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``scale`` (rows -> values 0 to 255) of every block of rows, as uint8, written into one array."""
+    out = np.empty(array.shape, dtype=np.uint8)
+    start = 0
+    for rows in _row_blocks(array):
+        out[start : start + len(rows)] = scale(rows)
+        start += len(rows)
+    return out
 
 
 @dataclass(frozen=True)
