@@ -223,6 +223,25 @@ def test_a_file_name_that_is_not_utf8_is_captioned_and_recorded(models, tmp_path
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == records
 
 
+def test_a_name_with_a_newline_or_tab_stays_one_line_of_two_fields_and_an_empty_argument_is_refused(models, tmp_path):
+    # PATH<TAB>CAPTION: a newline, tab or backslash in a file name is escaped (as ls -b does), so
+    # every caption is one line that splits at its first tab; --json keeps the names as they are
+    folder = tmp_path / "names"
+    names = ["new\nline.png", "tab\there.png", "back\\slash.png", "plain.png"]
+    for seed, name in enumerate(names):
+        write_image(folder / name, seed)
+    out = tmp_path / "captions.jsonl"
+    result = run(folder, "--model", models["attention"], "--json", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all(line.count("\t") == 1 for line in lines), lines
+    shown = sorted(line.split("\t")[0] for line in lines)
+    assert shown == sorted(str(folder) + "/" + escaped for escaped in ["new\\nline.png", "tab\\there.png", "back\\\\slash.png", "plain.png"])
+    assert sorted(json.loads(line)["source"] for line in out.read_text().splitlines()) == sorted(str(folder / name) for name in names)
+    # "" is not the current folder (an unset variable in a script would caption everything there)
+    assert_one_line_error(run("", "--model", models["attention"], cwd=folder), "no images to caption: an empty argument (an unset variable?) names no image")
+
+
 def test_a_glob_picks_image_files_as_a_folder_does(models, photos):
     folder, good = photos
     (folder / "sub").mkdir()

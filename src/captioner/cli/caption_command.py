@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write a caption for each image",
         description=(
             "Caption image files, folders (their image files) and glob patterns with a trained model.\n\n"
-            "output: one line per image on stdout, PATH<TAB>CAPTION. With --n-best N > 1 the next N-1\n"
+            "output: one line per image on stdout, PATH<TAB>CAPTION (a newline, tab or backslash in PATH\n"
+            "written \\n, \\t, \\\\). With --n-best N > 1 the next N-1\n"
             "captions follow that line, one per line, as <TAB>RANK. CAPTION (RANK 2..N).\n"
             "Images that cannot be read are reported on stderr, one line each, and skipped; the exit\n"
             "status is then 1 (0 when every image was captioned)."
@@ -105,7 +106,7 @@ def expand_inputs(entries: list[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     empty: list[str] = []
     for entry in entries:
-        if is_url(entry):
+        if is_url(entry) or entry == "":  # "" is not the current folder: an unset variable, most likely
             empty.append(entry)
             continue
         found = [STDIN] if entry == str(STDIN) else list_images([entry])
@@ -127,6 +128,8 @@ def why_nothing(entry: str) -> str:
     """Why a command-line entry gave no image to caption, in a few words."""
     if is_url(entry):
         return f"{entry} is a URL: captioner works offline and never downloads; save the image and caption the file"
+    if entry == "":
+        return "an empty argument (an unset variable?) names no image"
     path = Path(entry)
     if path.is_dir():
         return f"{entry} has no image files"
@@ -213,13 +216,25 @@ def caption_lines(source: str, result: CaptionResult, n_best: int, *, tags: bool
     model to leave its concepts out); a caption that could not name what ``--require`` asked for
     says so on its line."""
     unmet = "  [does not name every required word]" if result.constraints_met is False else ""
-    lines = [f"{source}\t{result.text}{unmet}"]
+    lines = [f"{printable(source)}\t{result.text}{unmet}"]
     if n_best > 1:
         lines.extend(f"\t{rank}. {alternative.text}" for rank, alternative in enumerate(result.n_best[1:n_best], start=2))
     if tags:
         familiar = "  (a photo like its training photos: no concept required)" if result.familiar else ""
         lines.append("\ttags: " + (", ".join(f"{word} {probability:.2f}" for word, probability in result.tags) or "(none)") + familiar)
     return lines
+
+
+CONTROL_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(path: str) -> str:
+    """A path as the first field of a ``PATH<TAB>CAPTION`` line: a backslash and the control
+    characters a file name may hold (a newline, a tab) escaped, as ``ls -b`` does, so every
+    caption stays one line of two fields; ``--json`` keeps the name as it is."""
+    if not any(char == "\\" or ord(char) < 32 or ord(char) == 127 for char in path):
+        return path
+    return "".join(CONTROL_ESCAPES.get(char, f"\\x{ord(char):02x}" if ord(char) < 32 or ord(char) == 127 else char) for char in path)
 
 
 def json_record(result: CaptionResult, figure: Path | None) -> dict[str, Any]:
