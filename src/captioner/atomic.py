@@ -39,9 +39,21 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` to produce the file, then move it to ``path`` in one step."""
+def replaced_file(path: str | os.PathLike) -> Path:
+    """The file a write to ``path`` replaces: ``path``, or the file it links to (the link stays).
+    Anything but a regular file there (a device such as /dev/null, a folder, a pipe) is refused in
+    one line: renaming a new file over it would destroy it."""
     path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        raise CaptionerError(f"{path} is not a regular file (a device, a folder or a pipe): a write would replace it, so captioner will not write there")
+    return target
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(temp_path)`` to produce the file, then move it to ``path`` (or the file ``path``
+    links to) in one step."""
+    path = replaced_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

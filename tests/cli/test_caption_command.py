@@ -242,6 +242,30 @@ def test_a_name_with_a_newline_or_tab_stays_one_line_of_two_fields_and_an_empty_
     assert_one_line_error(run("", "--model", models["attention"], cwd=folder), "no images to caption: an empty argument (an unset variable?) names no image")
 
 
+def test_outputs_never_replace_an_input_image_a_device_or_a_pipe(models, tmp_path):
+    # --json a.jpg would have replaced the photo; --attention into the photos' folder its PNGs; and
+    # --json /dev/null the device itself (a file renamed over it): each is one line before captioning
+    import os
+
+    photo = write_image(tmp_path / "p" / "b.png", 1)
+    before = photo.read_bytes()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for flags, fragment in [
+        (["--json", photo], f"--json {photo} is one of the images to caption: choose another file"),
+        (["--json", tmp_path / "p" / ".." / "p" / "b.png"], "is one of the images to caption"),
+        (["--attention", photo.parent], f"--attention {photo.parent} would write the figure b.png over the image {photo}: choose another folder"),
+        (["--json", pipe], f"{pipe} is not a regular file (a device, a folder or a pipe)"),
+        (["--json", ""], "--json needs a file name, not an empty one"),
+        (["--attention", ""], "--attention needs a folder name, not an empty one"),
+    ]:
+        result = run(photo, "--model", models["attention"], *flags)
+        assert_one_line_error(result, fragment)
+        assert result.stdout == ""  # refused before captioning
+    assert photo.read_bytes() == before and pipe.is_fifo()
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["b.png"]
+
+
 def test_a_glob_picks_image_files_as_a_folder_does(models, photos):
     folder, good = photos
     (folder / "sub").mkdir()

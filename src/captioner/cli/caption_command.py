@@ -140,6 +140,29 @@ def why_nothing(entry: str) -> str:
     return f"{entry} does not exist"
 
 
+def refuse_outputs_over_inputs(args: argparse.Namespace, paths: list[Path]) -> None:
+    """One line, before any captioning, when ``--json`` or ``--attention`` would write over one of
+    the images being captioned (``--json photo.jpg``; ``--attention photos/`` holding ``dog.png``,
+    whose figure is named ``dog.png``)."""
+    inputs = {_file_id(path): path for path in paths if path != STDIN}
+    inputs.pop(None, None)
+    if args.json is not None and _file_id(Path(args.json)) in inputs:
+        raise ConfigError(f"--json {args.json} is one of the images to caption: choose another file")
+    if args.attention is not None:
+        for path, name in attention_names(paths).items():
+            if _file_id(Path(args.attention) / name) in inputs:
+                raise ConfigError(f"--attention {args.attention} would write the figure {name} over the image {inputs[_file_id(Path(args.attention) / name)]}: choose another folder")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """What a file is, whatever the path names it by (links, ``..``); None when it does not exist."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
 def refuse_if_nothing(entries: list[str], paths: list[Path]) -> None:
     """One clear error when not a single input could be an image (all missing or matching nothing)."""
     if any(path == STDIN or path.exists() for path in paths):
@@ -179,6 +202,8 @@ def check_options(args: argparse.Namespace) -> GenerationConfig:
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
+    if args.json == "" or args.attention == "":  # an unset variable, most likely: nothing would be written
+        raise ConfigError(f"{'--json needs a file name' if args.json == '' else '--attention needs a folder name'}, not an empty one")
     if args.resume and not args.json:
         raise ConfigError("--resume goes with --json FILE: the file it reads what is captioned already from")
     if args.json and Path(args.json).is_dir():
@@ -328,12 +353,13 @@ def run(args: argparse.Namespace) -> int:
     config = check_options(args)
     paths, empty = expand_inputs(args.images)
     refuse_if_nothing(args.images, paths)
+    refuse_outputs_over_inputs(args, paths)
     # Under torchrun each process captions every world_size-th input: shares follow the input list,
     # not what is left to do, so processes that see different earlier output still split it exactly.
     shard, device = setup(args.device, timeout_minutes=7 * 24 * 60)  # on a big folder the shares end far apart
-    if shard.enabled and not args.json:
+    if shard.enabled and args.json is None:
         raise ConfigError("under torchrun, give --json FILE: each process writes its share and the first merges them into FILE, in input order")
-    output = JsonLinesOutput(args.json, resume=args.resume, rank=shard.rank, world_size=shard.world_size) if args.json else None
+    output = JsonLinesOutput(args.json, resume=args.resume, rank=shard.rank, world_size=shard.world_size) if args.json is not None else None
     shard.barrier()  # every process has looked at what earlier runs left before any of them writes
     if output:
         output.open()
@@ -374,7 +400,7 @@ def caption_all(
     for entry in empty:
         console.err(f"{why_nothing(entry)} (skipped)")
 
-    attention_folder = Path(args.attention) if args.attention else None
+    attention_folder = Path(args.attention) if args.attention is not None else None
     if attention_folder is not None and model.config.decoder.kind != "attention":
         console.err(f"note: {args.model} is a Show and Tell model, which has no attention; --attention writes no pictures")
         attention_folder = None

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from captioner.atomic import write_text_atomic
+from captioner.atomic import replaced_file, write_text_atomic
 from captioner.errors import CaptionerError
 
 
@@ -72,6 +72,8 @@ class JsonLinesOutput:
         self.path = Path(path)
         self.resume = resume
         self.partial = part_path(self.path, rank, world_size)
+        for file in (self.path, self.partial):
+            replaced_file(file)  # /dev/null, a folder, a pipe: refused before any captioning
         self.written = 0
         self.handle: Any = None
         left = [file for file in part_files(self.path) if file.stat().st_size > 0]
