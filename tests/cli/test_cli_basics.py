@@ -51,6 +51,22 @@ def test_shapes_then_prepare_in_every_format(tmp_path, format):
     assert again.returncode == 0, again.stderr
 
 
+def test_shapes_replaces_its_own_set_whole_and_nothing_else(tmp_path):
+    # run again, a shapes set is replaced as a whole (no files of the first run left over); a folder
+    # of other files, or an empty name (it used to mean the current folder), is refused in one line
+    out = tmp_path / "shapes"
+    assert run("shapes", str(out), "--num-images", "12").returncode == 0
+    assert run("shapes", str(out), "--num-images", "3", "--seed", "1").returncode == 0
+    assert len(list((out / "images").iterdir())) == 3 and sorted(p.name for p in out.iterdir()) == ["dataset_shapes.json", "images", "shapes.json"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert_one_line_error(run("shapes", str(mine), "--num-images", "3"), f"{mine} is not a shapes set", "refusing to replace it")
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+    assert_one_line_error(run("shapes", "", "--num-images", "3", cwd=mine), "the folder to write needs a name, not an empty one")
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
 def test_prepare_bad_inputs_give_one_line(tmp_path):
     assert_one_line_error(run("prepare", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")), "does not exist")
     bad = tmp_path / "dataset_bad.json"

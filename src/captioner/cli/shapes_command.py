@@ -29,12 +29,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from captioner import ranges
+    from captioner.atomic import atomic_directory
     from captioner.data.synthetic import write_shapes_dataset
+    from captioner.errors import ConfigError
 
     ranges.whole_number("--num-images", args.num_images, 3, 1_000_000)  # at least one image per split
     ranges.whole_number("--image-size", args.image_size, 32, 1024)
     ranges.whole_number("--seed", args.seed, 0, 2**32 - 1)
-    paths = write_shapes_dataset(args.out, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)
-    print(f"wrote {args.num_images} images and {' '.join(str(path) for path in paths)}")
+    if not args.out:
+        raise ConfigError("the folder to write needs a name, not an empty one (an unset variable?)")
+    # built beside OUT and swapped in whole: an earlier shapes set is replaced, any other non-empty folder refused
+    with atomic_directory(args.out, overwrite=True, marker="shapes.json", what="a shapes set (captioner shapes writes shapes.json)") as building:
+        paths = write_shapes_dataset(building, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)
+    print(f"wrote {args.num_images} images and {' '.join(str(Path(args.out) / path.relative_to(building)) for path in paths)}")
     return 0
