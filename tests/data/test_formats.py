@@ -242,3 +242,15 @@ def test_synthetic_set_has_every_split_however_small(tmp_path, num_images):
 
     sources = write_shapes_dataset(tmp_path, num_images=num_images, seed=2, image_size=32)
     assert sorted(read_dataset(sources).counts()) == ["test", "train", "val"]
+
+
+def test_a_caption_file_that_is_a_pipe_or_a_device_is_refused(tmp_path):
+    # /dev/zero or an endless pipe used to be read into memory until the machine ran out of it
+    import os
+
+    pipe = tmp_path / "captions.jsonl"
+    os.mkfifo(pipe)
+    for path in (pipe, "/dev/zero"):
+        for format in ("auto", "jsonl", "csv"):
+            with pytest.raises(DatasetError, match=r"is not a regular file \(a pipe or a device\): save the captions to a file"):
+                read_dataset([path], format=format)

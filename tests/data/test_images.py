@@ -128,6 +128,30 @@ def test_deep_images_are_scaled_a_block_of_rows_at_a_time(tmp_path, mode):
         assert np.asarray(image)[0, :3, 0].tolist() == [0, 255, 0]
 
 
+def test_a_pipe_is_read_as_an_image_and_an_endless_stream_is_refused(tmp_path, monkeypatch):
+    # a named pipe or <(cat photo.jpg) has no size until read: it used to be "the file is empty";
+    # a stream is read up to MAX_STREAM_BYTES, so /dev/zero is one line instead of all the memory
+    import os
+    import threading
+
+    from captioner.data import images as images_module
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_bytes(photo.read_bytes()))
+    writer.start()
+    image = load_image(pipe)
+    writer.join(timeout=30)
+    assert image.size == (40, 30) and image.getpixel((5, 5))[0] > 150
+    monkeypatch.setattr(images_module, "MAX_STREAM_BYTES", 1 << 20)
+    with pytest.raises(ImageLoadError, match=r"cannot read image /dev/zero: more than 1 MB, more than any image this reads"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageLoadError, match=r"<standard input>: more than 1 MB"):
+        images_module.read_stream(io.BytesIO(b"\0" * (2 << 20)), "<standard input>")
+
+
 def test_any_decoder_exception_is_a_load_error(tmp_path, monkeypatch):
     # Pillow's decoders raise more than OSError on damaged files (NotImplementedError for an unknown
     # DDS pixel format, struct.error, IndexError ...): each must name the file, never escape.

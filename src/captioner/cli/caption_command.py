@@ -294,13 +294,13 @@ class Console:
 
 def read_chunk(paths: list[Path], draft: int) -> tuple[list[tuple[Path, Image.Image]], list[str]]:
     """Decode images: (the readable ones, one line for each unreadable one)."""
-    from captioner.data.images import load_image
+    from captioner.data.images import load_image, read_stream
     from captioner.errors import ImageLoadError
 
     loaded, errors = [], []
     for path in paths:
         try:
-            source = sys.stdin.buffer.read() if path == STDIN else path
+            source = read_stream(sys.stdin.buffer, "<standard input>") if path == STDIN else path
             loaded.append((path, load_image(source, name="<standard input>" if path == STDIN else None, draft=draft)))
         except ImageLoadError as error:
             errors.append(f"{error} (skipped)")

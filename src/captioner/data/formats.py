@@ -82,6 +82,8 @@ def read_dataset(
             raise DatasetError(f"caption file {path} does not exist")
         if path.is_dir():
             raise DatasetError(f"{path} is a folder; give the caption file inside it")
+        if not path.is_file():
+            raise DatasetError(f"{path} is not a regular file (a pipe or a device): save the captions to a file")
     if format == "auto":
         format = detect_format(paths[0])
     if format not in FORMATS:
@@ -403,9 +405,17 @@ def _require(entry: dict, key: str, path: Path, where: str) -> Any:
     return entry[key]
 
 
+#: Largest caption file read: COCO's training captions are 90 MB, Flickr30k's 25 MB.
+MAX_CAPTION_FILE_BYTES = 2**30
+
+
 def _read_text(path: Path) -> str:
-    """File text as UTF-8 (BOM allowed). Bytes that are not UTF-8 become U+FFFD rather than abort."""
+    """File text as UTF-8 (BOM allowed). Bytes that are not UTF-8 become U+FFFD rather than abort.
+    A caption file is a regular file (checked by :func:`read_dataset`: a pipe or /dev/zero would be
+    read without end) of at most :data:`MAX_CAPTION_FILE_BYTES`."""
     try:
+        if path.stat().st_size > MAX_CAPTION_FILE_BYTES:
+            raise DatasetError(f"{path} is {path.stat().st_size:,} bytes, more than a caption file holds ({MAX_CAPTION_FILE_BYTES:,})")
         data = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"cannot read {path}: {error.strerror}") from None

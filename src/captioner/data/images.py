@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # torch is imported when a tensor is made, so reading data st
 #: Largest image (width x height) we decode: 8,000 x 8,000. A small file that claims more is a
 #: decompression bomb; a real photo this large is pointless for a 224-pixel encoder anyway.
 MAX_IMAGE_PIXELS = 64_000_000
+#: Most bytes read from a stream that is not a file: an uncompressed 64-megapixel RGB TIFF is 192 MB.
+MAX_STREAM_BYTES = 256 * 2**20
 
 #: Largest encoder input side (1024 px: 32 x 32 regions of a stride-32 encoder, far past what helps captions).
 MAX_INPUT_SIZE = 1024
@@ -74,13 +76,25 @@ def load_image(
         raise ImageLoadError(label, "no such file")
     if path.is_dir():
         raise ImageLoadError(label, "it is a directory")
-    if path.stat().st_size == 0:
+    regular = path.is_file()  # not a pipe, <(...) or a device, whose size reads as 0 until read
+    if regular and path.stat().st_size == 0:
         raise ImageLoadError(label, "the file is empty")
     try:
         with open(path, "rb") as handle:
+            if not regular:
+                return load_image(read_stream(handle, label), name=label, max_pixels=max_pixels, draft=draft, max_decoded_pixels=max_decoded_pixels)
             return _open(handle, label, max_pixels, draft, max_decoded_pixels)
     except PermissionError:
         raise ImageLoadError(label, "permission denied") from None
+
+
+def read_stream(stream: BinaryIO, label: str) -> bytes:
+    """All of a stream that is not a file (standard input, a pipe), refused in one line past
+    :data:`MAX_STREAM_BYTES`: /dev/zero would otherwise fill the memory."""
+    data = stream.read(MAX_STREAM_BYTES + 1)
+    if len(data) > MAX_STREAM_BYTES:
+        raise ImageLoadError(label, f"more than {MAX_STREAM_BYTES >> 20} MB, more than any image this reads")
+    return data
 
 
 #: What load_image accepts, for messages.
