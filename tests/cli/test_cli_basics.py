@@ -67,6 +67,23 @@ def test_shapes_replaces_its_own_set_whole_and_nothing_else(tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
+def test_sigterm_is_an_interrupt_that_leaves_no_half_built_folder(tmp_path):
+    # kill, timeout and a stopping service send SIGTERM: the command ends as on Ctrl-C (exit 130,
+    # one line) and the folder it was building beside OUT is removed (it used to stay, GBs of it)
+    import signal
+    import time
+
+    out = tmp_path / "shapes"
+    process = subprocess.Popen([sys.executable, "-m", "captioner", "shapes", str(out), "--num-images", "100000"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".building") and any(p.rglob("*.png")) for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until it is drawing images into the folder it builds
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr.strip() == "captioner shapes: interrupted", (process.returncode, stderr)
+    assert list(tmp_path.iterdir()) == []  # no .shapes.*.building folder, no shapes/
+
+
 def test_prepare_bad_inputs_give_one_line(tmp_path):
     assert_one_line_error(run("prepare", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")), "does not exist")
     bad = tmp_path / "dataset_bad.json"

@@ -7,11 +7,14 @@ heavy imports (torch) happen inside ``run`` so ``captioner --help`` answers at o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import captioner
 from captioner.errors import CaptionerError
@@ -73,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout, a service stopping) is delivered as a Ctrl-C while a command runs:
+    half-built folders and part files are cleaned up or kept as on an interrupt, and training
+    finishes the update it is in. (Main thread only; the handler before it is put back after.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         fixed_threads()  # a bad CAPTIONER_THREADS is reported before any work
-        return int(args.run(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.run(args) or 0)
     except CaptionerError as error:
         if debug:
             raise
