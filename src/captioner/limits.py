@@ -12,3 +12,4 @@ MAX_LENGTH_PENALTY = 10.0
 MAX_NO_REPEAT_NGRAM = 10
 MAX_VOCABULARY = 1_000_000  # words in a model's vocabulary
 MAX_CONSTRAINTS = 3  # per image: constrained beam search keeps 2^3 = 8 beams of k
+MAX_ENSEMBLE_DECODERS = 16  # decoders of one ensemble: each costs its weights in memory and a pass per step (the shipped one has 2)

@@ -166,3 +166,25 @@ def test_what_cannot_be_an_ensemble_is_refused():
     assert Captioner.ensemble([tuned, tuned]).encoder_in_checkpoint  # the same fine-tuned encoder is shared, and saved
     with pytest.raises(ConfigError, match="views must be distinct"):
         EnsembleConfig([model.config.decoder], ("plain", "sideways"))
+
+
+def test_an_ensemble_has_a_bounded_number_of_decoders_and_keeps_its_members_views(tmp_path):
+    # 30 copies of the shipped model reached 8.4 GB before anything refused them; and a member that
+    # reads each image mirrored (the shipped model does) lost that view in the ensemble, unsaid
+    import subprocess
+    import sys
+
+    from captioner.cli.ensemble_command import member_views
+    from captioner.limits import MAX_ENSEMBLE_DECODERS
+
+    model = make_model("attention", seed=1, pretrained=True)
+    with pytest.raises(ConfigError, match=f"an ensemble has at most {MAX_ENSEMBLE_DECODERS} decoders, not {MAX_ENSEMBLE_DECODERS + 1}"):
+        EnsembleConfig([model.config.decoder] * (MAX_ENSEMBLE_DECODERS + 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "captioner", "ensemble", *["default"] * (MAX_ENSEMBLE_DECODERS + 1), "--out", str(tmp_path / "e")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.strip() == f"captioner ensemble: error: an ensemble has at most {MAX_ENSEMBLE_DECODERS} decoders: {MAX_ENSEMBLE_DECODERS + 1} models are too many"
+    mirrored = Captioner.ensemble([model], views=("plain", "flip"))
+    assert member_views([model, model], flip=False) == ("plain",)
+    assert member_views([model, mirrored], flip=False) == ("plain", "flip")  # kept, without --flip
+    assert member_views([model, model], flip=True) == ("plain", "flip")

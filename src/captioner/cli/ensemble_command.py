@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders (or 'default')")
     parser.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
-    parser.add_argument("--flip", action="store_true", help="also read each image mirrored left to right")
+    parser.add_argument("--flip", action="store_true", help="also read each image mirrored left to right (a model that does, such as 'default', keeps that view anyway)")
     parser.add_argument(
         "--precision", choices=("float32", "float16", "int8"), default="float32", help="weights as stored: float16 halves the size, int8 quarters it (default float32)"
     )
@@ -46,21 +46,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from captioner.decoding import GenerationConfig
     from captioner.errors import ConfigError
+    from captioner.limits import MAX_ENSEMBLE_DECODERS
     from captioner.locking import exclusive_writer
     from captioner.ranges import SettingError
 
-    views = ("plain", "flip") if args.flip else ("plain",)
     if len(args.models) == 1 and not args.flip:
         raise ConfigError("an ensemble needs two models, or --flip")
+    if len(args.models) > MAX_ENSEMBLE_DECODERS:  # before loading any: each is its weights in memory
+        raise ConfigError(f"an ensemble has at most {MAX_ENSEMBLE_DECODERS} decoders: {len(args.models)} models are too many")
     try:  # the decoding settings it will carry, checked as any decoding settings are
         GenerationConfig(length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram)
     except SettingError as error:
         raise error.named({"length_penalty": "--length-penalty", "no_repeat_ngram_size": "--no-repeat-ngram"}) from None
     with exclusive_writer(args.out):
-        return write_ensemble(args, views)
+        return write_ensemble(args)
 
 
-def write_ensemble(args: argparse.Namespace, views: tuple[str, ...]) -> int:
+def member_views(models: list, flip: bool) -> tuple[str, ...]:
+    """The views an ensemble reads: the plain image, every view a member reads (a member made with
+    --flip keeps its mirrored view), and the mirrored one with ``flip``."""
+    from captioner.models.ensemble import VIEWS
+
+    return tuple(view for view in VIEWS if view == "plain" or (view == "flip" and flip) or any(view in model.views for model in models))
+
+
+def write_ensemble(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
@@ -71,6 +81,7 @@ def write_ensemble(args: argparse.Namespace, views: tuple[str, ...]) -> int:
     check_replaceable(args.out, overwrite=args.overwrite, marker="model.safetensors", what="a checkpoint")
     folders = [resolve_model_path(model) for model in args.models]
     models = [Captioner.load(folder) for folder in folders]
+    views = member_views(models, args.flip)
     ensemble = Captioner.ensemble(models, views=views)
     if args.length_penalty is not None:
         ensemble.config.length_penalty = args.length_penalty

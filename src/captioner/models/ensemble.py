@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from captioner.errors import ConfigError
+from captioner.limits import MAX_ENSEMBLE_DECODERS
 from captioner.models.decoder import Decoder, DecoderConfig, DecoderOutput, DecoderState, rows_per_image
 
 VIEWS = ("plain", "flip")
@@ -38,6 +39,8 @@ class EnsembleConfig:
         self.views = tuple(self.views)
         if not self.decoders:
             raise ConfigError("an ensemble needs at least one decoder")
+        if len(self.decoders) > MAX_ENSEMBLE_DECODERS:
+            raise ConfigError(f"an ensemble has at most {MAX_ENSEMBLE_DECODERS} decoders, not {len(self.decoders)}")
         if not self.views or len(set(self.views)) != len(self.views) or not set(self.views) <= set(VIEWS):
             raise ConfigError(f"ensemble views must be distinct, from {', '.join(VIEWS)}, not {list(self.views)}")
         if len(self.decoders) == 1 and self.views == ("plain",):
