@@ -84,6 +84,19 @@ def test_sigterm_is_an_interrupt_that_leaves_no_half_built_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no .shapes.*.building folder, no shapes/
 
 
+def test_usage_errors_are_one_line_saying_where_the_help_is():
+    # argparse printed its whole usage block (15 lines for caption) before the error
+    for args, fragment in [
+        (["caption", "x.jpg", "--n-best", "abc"], "captioner caption: error: argument --n-best: invalid int value: 'abc' (see 'captioner caption --help')"),
+        (["prepare"], "captioner prepare: error: the following arguments are required: captions, --out (see 'captioner prepare --help')"),
+        (["caption", "x.jpg", "--no-such-flag"], "captioner caption: error: unrecognized arguments: --no-such-flag"),
+        (["bogus"], "captioner: error: argument COMMAND: invalid choice: 'bogus'"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2
+        assert_one_line_error(result, fragment)
+
+
 def test_prepare_bad_inputs_give_one_line(tmp_path):
     assert_one_line_error(run("prepare", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")), "does not exist")
     bad = tmp_path / "dataset_bad.json"

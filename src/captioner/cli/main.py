@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import captioner
 from captioner.errors import CaptionerError
@@ -62,8 +62,16 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line naming the command and where its help is, not argparse's usage
+    block followed by the error; every command's parser is one (subparsers take their parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="captioner",
         description="Turn pictures into sentences: prepare caption datasets, train, evaluate and serve captioning models.",
         epilog="Run 'captioner COMMAND --help' for a command's options. Set CAPTIONER_DEBUG=1 to see tracebacks.",
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in command_names():
         module = importlib.import_module(f"captioner.cli.{name}_command")
         module.add_parser(subparsers)
+    parser.command_parsers = subparsers.choices  # type: ignore[attr-defined]  # name -> its parser
     return parser
 
 
@@ -93,7 +102,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, whose help lists what it takes
+        parser.command_parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
