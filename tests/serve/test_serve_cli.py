@@ -80,6 +80,7 @@ def test_a_corrupt_checkpoint_is_one_line_before_binding(tmp_path, capsys, no_bi
         (["--max-batch", "0"], "--max-batch"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
         (["--max-upload-mb", "0"], "--max-upload-mb"),
+        (["--max-upload-mb", "1e-9"], "--max-upload-mb must be a number from 0.001 to 1000"),
         (["--port", "70000"], "--port"),
         (["--body-timeout-s", "0"], "--body-timeout-s"),
         (["--header-timeout-s", "-1"], "--header-timeout-s"),

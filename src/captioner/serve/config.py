@@ -75,7 +75,7 @@ class ServeConfig:
         DecodeSettings(self.beam_size, self.n_best)
         ranges.whole_number("max_batch", self.max_batch, 1, 1024)
         ranges.number("batch_wait_ms", self.batch_wait_ms, 0, 10_000)
-        ranges.number("max_upload_mb", self.max_upload_mb, 0, 1000, low_open=True)
+        ranges.number("max_upload_mb", self.max_upload_mb, 0.001, 1000)  # 1 kB: below it no image fits
         ranges.whole_number("max_pending", self.max_pending, 1, 1_000_000)
         ranges.number("body_timeout_s", self.body_timeout_s, 0, 3600, low_open=True)
         ranges.number("header_timeout_s", self.header_timeout_s, 0, 3600, low_open=True)
