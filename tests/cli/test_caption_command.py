@@ -311,6 +311,7 @@ def test_tags_and_required_words_with_the_shipped_model(tmp_path):
     [
         (["--require", "two words"], "--require"),
         (["--require", "xqzzy"], "xqzzy"),
+        (["--require", "a" * 100_000], "--require words are at most 50 characters, not 100,000 ('aaaa"),  # not echoed whole
         (["--concepts", "9"], "--concepts must be a whole number from 0 to 3"),
         (["--concept-threshold", "0"], "--concept-threshold"),
         (["--familiar-percentile", "101"], "--familiar-percentile must be a number from 0 to 100, not 101"),

@@ -132,6 +132,9 @@ class GenerationConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+MAX_WORD_CHARACTERS = 50  # a required word: English's longest are about 30
+
+
 def _checked_constraints(constraints: Any) -> tuple[tuple[str, ...], ...]:
     """Constraints as tuples of single lower-case words (each tuple: the words of which one must appear)."""
     from captioner.data.vocabulary import tokenize
@@ -143,6 +146,9 @@ def _checked_constraints(constraints: Any) -> tuple[tuple[str, ...], ...]:
         words = [words] if isinstance(words, str) else words
         if not isinstance(words, (list, tuple)) or not words or not all(isinstance(word, str) and len(tokenize(word)) == 1 for word in words):
             raise ranges.SettingError("constraints", f"must each be one or more single words (\"cat\" or [\"cat\", \"kitten\"]), not {ranges.shown(' '.join(map(str, words)) if isinstance(words, (list, tuple)) else words)}")
+        long = [word for word in words if len(word) > MAX_WORD_CHARACTERS]
+        if long:
+            raise ranges.SettingError("constraints", f"words are at most {MAX_WORD_CHARACTERS} characters, not {len(long[0]):,} ({ranges.shown(long[0])})")
         checked.append(tuple(dict.fromkeys(tokenize(word)[0] for word in words)))
     if len(checked) > MAX_CONSTRAINTS:
         raise ranges.SettingError("constraints", f"can be at most {MAX_CONSTRAINTS} (the search keeps 2^n beams), not {len(checked)}")

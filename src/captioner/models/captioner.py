@@ -519,7 +519,7 @@ class Captioner(nn.Module):
         for word in new:
             analog = word_vectors().nearest(word, nouns)
             if analog is None:
-                raise ConfigError(f"cannot add {word!r} to the model's vocabulary: the shipped word vectors (the 40,000 most common English words) do not have it")
+                raise ConfigError(f"cannot add {ranges.shown(word)} to the model's vocabulary: the shipped word vectors (the 40,000 most common English words) do not have it")
             analogs.append(self.vocab.index[analog])
         self.decoder.extend_vocabulary(analogs, word_vectors().rows(new))
         self.vocab = self.vocab.extended(new)
