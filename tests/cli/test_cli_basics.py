@@ -108,6 +108,7 @@ def test_prepare_bad_inputs_give_one_line(tmp_path):
     assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--split-fractions", "0.5", "0.5", "0.5"), "split fractions")
     assert_one_line_error(run("prepare", str(csv), "--out", str(tmp_path / "o"), "--min-word-freq", "0"), "--min-word-freq")
     assert_one_line_error(run("prepare", str(csv), "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")), "does not exist")
+    assert_one_line_error(run("prepare", str(csv), "--images", str(csv), "--out", str(tmp_path / "o")), f"image folder {csv} is not a folder")
     assert not (tmp_path / "o").exists()
 
 

@@ -104,6 +104,10 @@ def test_the_export_command_and_the_caption_flag(tmp_path):
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
         "captioner caption: error: cannot encode with onnxruntime: its encoder was not exported yet (run 'captioner export MODEL')"
     ]
+    missing = subprocess.run([*command, "export", "default", str(tmp_path / "missing.jpg")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"captioner export: error: {tmp_path / 'missing.jpg'} is not a photo file (no such file): give photos to check the export on"
+    ]
     exported = subprocess.run([*command, "export", "default"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert exported.returncode == 0 and "features within" in exported.stdout, exported.stderr
     fast = subprocess.run([*command, "caption", "examples/dog.jpg", "--encoder-runtime", "onnx"], cwd=ROOT, env=env, capture_output=True, text=True)

@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from captioner.models.onnx_encoder import export_encoder
 
     photos, _ = expand_inputs(args.photos or ([str(EXAMPLES)] if EXAMPLES.is_dir() else []))
-    photos = [path for path in photos if path.is_file()][: 256 if args.int8 else 8]
+    missing = [path for path in photos if not path.is_file()]
+    if args.photos and missing:
+        raise ConfigError(f"{missing[0]} is not a photo file ({'no such file' if not missing[0].exists() else 'not a file'}): give photos to check the export on")
+    photos = photos[: 256 if args.int8 else 8]
     if not photos:
         raise ConfigError("give a few photos to check the export on: captioner export MODEL PHOTO...")
     model = Captioner.load(args.model, encoder_runtime="torch")

@@ -93,7 +93,7 @@ def _prepare(dataset: CaptionDataset, out: Path, options: PrepareOptions) -> Pre
             raise CaptionerError(f"--out {out} holds {name}: the prepared folder must be a folder of its own")
     check_replaceable(out, overwrite=options.overwrite, marker="prepared.json", what="a prepared folder")  # before any slow work
     if not image_root.is_dir():
-        raise DatasetError(f"image folder {dataset.image_root} does not exist")
+        raise DatasetError(f"image folder {dataset.image_root} {'is not a folder' if image_root.exists() else 'does not exist'}")
 
     dropped: Counter = Counter(dataset.dropped)
     examples: dict[str, list[str]] = {}
