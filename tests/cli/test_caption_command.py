@@ -239,7 +239,7 @@ def test_a_name_with_a_newline_or_tab_stays_one_line_of_two_fields_and_an_empty_
     assert shown == sorted(str(folder) + "/" + escaped for escaped in ["new\\nline.png", "tab\\there.png", "back\\\\slash.png", "plain.png"])
     assert sorted(json.loads(line)["source"] for line in out.read_text().splitlines()) == sorted(str(folder / name) for name in names)
     # "" is not the current folder (an unset variable in a script would caption everything there)
-    assert_one_line_error(run("", "--model", models["attention"], cwd=folder), "no images to caption: an empty argument (an unset variable?) names no image")
+    assert_one_line_error(run("", "--model", models["attention"], cwd=folder), "argument IMAGE: an empty name (an unset variable?) names no file or folder")
 
 
 def test_outputs_never_replace_an_input_image_a_device_or_a_pipe(models, tmp_path):
@@ -256,8 +256,8 @@ def test_outputs_never_replace_an_input_image_a_device_or_a_pipe(models, tmp_pat
         (["--json", tmp_path / "p" / ".." / "p" / "b.png"], "is one of the images to caption"),
         (["--attention", photo.parent], f"--attention {photo.parent} would write the figure b.png over the image {photo}: choose another folder"),
         (["--json", pipe], f"{pipe} is not a regular file (a device, a folder or a pipe)"),
-        (["--json", ""], "--json needs a file name, not an empty one"),
-        (["--attention", ""], "--attention needs a folder name, not an empty one"),
+        (["--json", ""], "argument --json: an empty name (an unset variable?) names no file or folder"),
+        (["--attention", ""], "argument --attention: an empty name"),
     ]:
         result = run(photo, "--model", models["attention"], *flags)
         assert_one_line_error(result, fragment)

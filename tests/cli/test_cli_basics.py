@@ -63,7 +63,7 @@ def test_shapes_replaces_its_own_set_whole_and_nothing_else(tmp_path):
     (mine / "keep.txt").write_text("mine")
     assert_one_line_error(run("shapes", str(mine), "--num-images", "3"), f"{mine} is not a shapes set", "refusing to replace it")
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
-    assert_one_line_error(run("shapes", "", "--num-images", "3", cwd=mine), "the folder to write needs a name, not an empty one")
+    assert_one_line_error(run("shapes", "", "--num-images", "3", cwd=mine), "captioner shapes: error: argument out: an empty name (an unset variable?)")
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
@@ -85,8 +85,14 @@ def test_sigterm_is_an_interrupt_that_leaves_no_half_built_folder(tmp_path):
 
 
 def test_usage_errors_are_one_line_saying_where_the_help_is():
-    # argparse printed its whole usage block (15 lines for caption) before the error
+    # argparse printed its whole usage block (15 lines for caption) before the error; an empty file or
+    # folder name (an unset variable) is refused by every command, as it would mean the current folder
     for args, fragment in [
+        (["evaluate", "default", "--out", ""], "captioner evaluate: error: argument --out: an empty name (an unset variable?) names no file or folder"),
+        (["prepare", "c.jsonl", "--out", ""], "captioner prepare: error: argument --out: an empty name"),
+        (["train", "--out", ""], "captioner train: error: argument --out: an empty name"),
+        (["ensemble", "default", "", "--out", "x"], "captioner ensemble: error: argument MODEL: an empty name"),
+        (["serve", ""], "captioner serve: error: argument MODEL: an empty name"),
         (["caption", "x.jpg", "--n-best", "abc"], "captioner caption: error: argument --n-best: invalid int value: 'abc' (see 'captioner caption --help')"),
         (["prepare"], "captioner prepare: error: the following arguments are required: captions, --out (see 'captioner prepare --help')"),
         (["caption", "x.jpg", "--no-such-flag"], "captioner caption: error: unrecognized arguments: --no-such-flag"),

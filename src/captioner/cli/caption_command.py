@@ -35,7 +35,7 @@ PREFIX = "captioner caption"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_runtime_arguments
+    from captioner.cli.main import add_runtime_arguments, path_name
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -67,8 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns (quote globs); - reads one image from standard input")
-    parser.add_argument("--model", default="default", metavar="PATH", help="checkpoint folder, or 'default' for the shipped model (default)")
+    parser.add_argument("images", nargs="+", type=path_name, metavar="IMAGE", help="image files, folders or glob patterns (quote globs); - reads one image from standard input")
+    parser.add_argument("--model", default="default", type=path_name, metavar="PATH", help="checkpoint folder, or 'default' for the shipped model (default)")
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE, metavar="K", help=f"beam size; 1 is greedy decoding (default {DEFAULT_BEAM_SIZE}, as everywhere: 5 scores the same on the Flickr8k dev split and takes twice as long)")
     parser.add_argument("--n-best", type=int, default=1, metavar="N", help="also print the next N-1 best captions (default 1; the beam is widened to N if smaller)")
     parser.add_argument("--max-length", type=int, metavar="N", help="longest caption in words (default: the model's)")
@@ -82,9 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--concepts", type=int, metavar="N", help="the caption must name up to N of the image's likeliest visual concepts, 0: none (default: the model's own)")
     parser.add_argument("--concept-threshold", type=float, metavar="P", help="... those at least this likely, 0 < P <= 1 (default: the model's own)")
     parser.add_argument("--familiar-percentile", type=float, metavar="Q", help="... only on photos farther from the model's training photos than Q%% of its dev photos are, 0 <= Q <= 100; 0: every photo (default: the model's own)")
-    parser.add_argument("--json", metavar="FILE", help="also write the captions as JSON lines to FILE, in input order (FILE.partial until the run ends)")
+    parser.add_argument("--json", type=path_name, metavar="FILE", help="also write the captions as JSON lines to FILE, in input order (FILE.partial until the run ends)")
     parser.add_argument("--resume", action="store_true", help="with --json: caption only the images FILE (or the FILE.partial of a run that stopped) does not have yet")
-    parser.add_argument("--attention", metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
+    parser.add_argument("--attention", type=path_name, metavar="DIR", help="write a picture of each word's attention per image into DIR (attention models only)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images decoded and captioned together (default 16)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     add_runtime_arguments(parser)
@@ -106,7 +106,7 @@ def expand_inputs(entries: list[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     empty: list[str] = []
     for entry in entries:
-        if is_url(entry) or entry == "":  # "" is not the current folder: an unset variable, most likely
+        if is_url(entry):
             empty.append(entry)
             continue
         found = [STDIN] if entry == str(STDIN) else list_images([entry])
@@ -128,8 +128,6 @@ def why_nothing(entry: str) -> str:
     """Why a command-line entry gave no image to caption, in a few words."""
     if is_url(entry):
         return f"{entry} is a URL: captioner works offline and never downloads; save the image and caption the file"
-    if entry == "":
-        return "an empty argument (an unset variable?) names no image"
     path = Path(entry)
     if path.is_dir():
         return f"{entry} has no image files"
@@ -202,8 +200,6 @@ def check_options(args: argparse.Namespace) -> GenerationConfig:
         )
     except ranges.SettingError as error:
         raise error.named(FLAGS) from None
-    if args.json == "" or args.attention == "":  # an unset variable, most likely: nothing would be written
-        raise ConfigError(f"{'--json needs a file name' if args.json == '' else '--attention needs a folder name'}, not an empty one")
     if args.resume and not args.json:
         raise ConfigError("--resume goes with --json FILE: the file it reads what is captioned already from")
     if args.json and Path(args.json).is_dir():

@@ -8,6 +8,8 @@ MEMBERS_FILE = "ensemble_members.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import path_name
+
     parser = subparsers.add_parser(
         "ensemble",
         help="join trained models into one that averages their word distributions",
@@ -26,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders (or 'default')")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
+    parser.add_argument("models", nargs="+", type=path_name, metavar="MODEL", help="checkpoint folders (or 'default')")
+    parser.add_argument("--out", required=True, type=path_name, metavar="DIR", help="the checkpoint folder to write")
     parser.add_argument("--flip", action="store_true", help="also read each image mirrored left to right (a model that does, such as 'default', keeps that view anyway)")
     parser.add_argument(
         "--precision", choices=("float32", "float16", "int8"), default="float32", help="weights as stored: float16 halves the size, int8 quarters it (default float32)"

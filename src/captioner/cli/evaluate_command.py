@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_runtime_arguments
+    from captioner.cli.main import add_runtime_arguments, path_name
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -20,9 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n  captioner evaluate runs/f8k/best --split test --beam 1 3 5\n  captioner evaluate default --data data/f8k --split test",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="checkpoint folder, or 'default' for the shipped model")
-    parser.add_argument("--data", metavar="DIR", help="prepared folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--images", metavar="DIR", help="image folder, if it moved since prepare")
+    parser.add_argument("model", type=path_name, help="checkpoint folder, or 'default' for the shipped model")
+    parser.add_argument("--data", type=path_name, metavar="DIR", help="prepared folder (default: the one the checkpoint was trained on)")
+    parser.add_argument("--images", type=path_name, metavar="DIR", help="image folder, if it moved since prepare")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
     parser.add_argument("--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], metavar="K", help=f"beam sizes to score, e.g. 1 3 5 (1 is greedy; default {DEFAULT_BEAM_SIZE}, as everywhere)")
     parser.add_argument("--max-length", type=int, help="longest caption in words (default: the model's)")
@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--familiar-percentile", type=float, metavar="Q", help="... only on photos farther from the model's training photos than Q%% of its dev photos are; 0: every photo (default: the model's own)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves a JVM start per beam size)")
-    parser.add_argument("--out", metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
+    parser.add_argument("--out", type=path_name, metavar="DIR", help="where results.json and captions.jsonl go (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=50, help="images decoded together (default 50)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     add_runtime_arguments(parser, encoder=False)  # evaluate encodes through the feature cache, always with PyTorch

@@ -9,6 +9,8 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # a source checkout
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import path_name
+
     parser = subparsers.add_parser(
         "export",
         help="export a model's encoder as ONNX so onnxruntime encodes images (faster on a CPU)",
@@ -23,8 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="checkpoint folder, or 'default' for the shipped model")
-    parser.add_argument("photos", nargs="*", help="photos to check the export on (default: the examples/ of a source checkout); with --int8 "
+    parser.add_argument("model", type=path_name, help="checkpoint folder, or 'default' for the shipped model")
+    parser.add_argument("photos", nargs="*", type=path_name, help="photos to check the export on (default: the examples/ of a source checkout); with --int8 "
                         "and an encoder whose int8 ranges do not ship, at least 32 photos to calibrate on")
     parser.add_argument(
         "--int8", action="store_true",

@@ -34,6 +34,14 @@ def command_names() -> list[str]:
     return sorted(found, key=lambda name: (PREFERRED_ORDER.index(name) if name in PREFERRED_ORDER else len(PREFERRED_ORDER), name))
 
 
+def path_name(value: str) -> str:
+    """The argparse type of every file or folder argument: an empty name is refused, as it would
+    otherwise mean the current folder (``Path("")``) or no output at all; it is an unset variable."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty name (an unset variable?) names no file or folder")
+    return value
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, *, encoder: bool = True) -> None:
     """``--decoder-compute`` and (with ``encoder``) ``--encoder-runtime``, for the commands that run a loaded model."""
     parser.add_argument(

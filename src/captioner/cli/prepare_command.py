@@ -8,6 +8,8 @@ from captioner.data.formats import FORMATS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import path_name
+
     parser = subparsers.add_parser(
         "prepare",
         help="turn a caption dataset into a prepared folder (vocabulary, encoded captions, image index)",
@@ -24,9 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("captions", nargs="+", help="caption file(s); Flickr split lists may follow the token file")
-    parser.add_argument("--images", metavar="DIR", help="folder the image names are relative to (default: the caption file's folder)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="prepared folder to write")
+    parser.add_argument("captions", nargs="+", type=path_name, help="caption file(s); Flickr split lists may follow the token file")
+    parser.add_argument("--images", type=path_name, metavar="DIR", help="folder the image names are relative to (default: the caption file's folder)")
+    parser.add_argument("--out", required=True, type=path_name, metavar="DIR", help="prepared folder to write")
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="input format (default: detect)")
     parser.add_argument("--min-word-freq", type=int, default=5, help="words seen fewer times in train become <unk> (default 5)")
     parser.add_argument("--max-length", type=int, default=50, help="captions with more words are not trained on (default 50)")

@@ -26,7 +26,7 @@ SERVING_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "py
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from captioner.cli.main import add_runtime_arguments
+    from captioner.cli.main import add_runtime_arguments, path_name
     from captioner.limits import DEFAULT_BEAM_SIZE
 
     parser = subparsers.add_parser(
@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL", help="checkpoint folder, or 'default' for the shipped model")
+    parser.add_argument("model", type=path_name, metavar="MODEL", help="checkpoint folder, or 'default' for the shipped model")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE, metavar="K", help=f"default beam size of requests (default {DEFAULT_BEAM_SIZE}, as everywhere)")

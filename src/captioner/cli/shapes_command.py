@@ -8,6 +8,8 @@ from captioner.data.formats import FORMATS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import path_name
+
     parser = subparsers.add_parser(
         "shapes",
         help="generate the synthetic 'shapes' captioning set",
@@ -20,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("out", help="folder to write (images/ and the caption file)")
+    parser.add_argument("out", type=path_name, help="folder to write (images/ and the caption file)")
     parser.add_argument("--num-images", type=int, default=300, help="images to draw (default 300)")
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
     parser.add_argument("--format", choices=FORMATS, default="karpathy", help="caption file format (default karpathy)")
@@ -34,13 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from captioner import ranges
     from captioner.atomic import atomic_directory
     from captioner.data.synthetic import write_shapes_dataset
-    from captioner.errors import ConfigError
 
     ranges.whole_number("--num-images", args.num_images, 3, 1_000_000)  # at least one image per split
     ranges.whole_number("--image-size", args.image_size, 32, 1024)
     ranges.whole_number("--seed", args.seed, 0, 2**32 - 1)
-    if not args.out:
-        raise ConfigError("the folder to write needs a name, not an empty one (an unset variable?)")
     # built beside OUT and swapped in whole: an earlier shapes set is replaced, any other non-empty folder refused
     with atomic_directory(args.out, overwrite=True, marker="shapes.json", what="a shapes set (captioner shapes writes shapes.json)") as building:
         paths = write_shapes_dataset(building, num_images=args.num_images, seed=args.seed, format=args.format, image_size=args.image_size)

@@ -8,6 +8,8 @@ ENCODER_SHORT_NAMES = {"lite0": "efficientnet_lite0", "lite1": "efficientnet_lit
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from captioner.cli.main import path_name
+
     parser = subparsers.add_parser(
         "train",
         help="train a model on a prepared dataset",
@@ -28,9 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings")
-    parser.add_argument("--data", metavar="DIR", help="prepared folder (from 'captioner prepare')")
-    parser.add_argument("--out", metavar="DIR", help="run folder (default runs/captioner)")
+    parser.add_argument("--config", type=path_name, metavar="FILE", help="TOML (or YAML) file of settings")
+    parser.add_argument("--data", type=path_name, metavar="DIR", help="prepared folder (from 'captioner prepare')")
+    parser.add_argument("--out", type=path_name, metavar="DIR", help="run folder (default runs/captioner)")
     parser.add_argument("--model", choices=("attention", "show_tell"), help="decoder: Show, Attend and Tell (default) or Show and Tell")
     parser.add_argument("--encoder", help="backbone: lite0 (default), lite1, lite2, or torchvision:NAME / timm:NAME if installed")
     parser.add_argument("--epochs", type=int, help="epochs to train at most (default 20; early stopping may end sooner); raise it with --resume to train longer")
