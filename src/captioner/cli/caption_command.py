@@ -246,14 +246,16 @@ def caption_lines(source: str, result: CaptionResult, n_best: int, *, tags: bool
     return lines
 
 
-CONTROL_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+#: Where a backslash is not the path separator (POSIX), it is escaped too, so an escape reads one way
+#: back; on Windows, whose names hold no control characters, paths print as they are.
+CONTROL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", **({"\\": "\\\\"} if os.sep == "/" else {})}
 
 
 def printable(path: str) -> str:
     """A path as the first field of a ``PATH<TAB>CAPTION`` line: a backslash and the control
     characters a file name may hold (a newline, a tab) escaped, as ``ls -b`` does, so every
     caption stays one line of two fields; ``--json`` keeps the name as it is."""
-    if not any(char == "\\" or ord(char) < 32 or ord(char) == 127 for char in path):
+    if not any(char in CONTROL_ESCAPES or ord(char) < 32 or ord(char) == 127 for char in path):
         return path
     return "".join(CONTROL_ESCAPES.get(char, f"\\x{ord(char):02x}" if ord(char) < 32 or ord(char) == 127 else char) for char in path)
 
